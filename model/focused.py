@@ -1,0 +1,111 @@
+"""Focused view: queries attend over k candidates' tokens together and emit one score correction per slot."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FocusOutput:
+    delta: torch.Tensor  # [B, k] score corrections (0 for masked slots)
+    attention: torch.Tensor  # [B, Q, k, L] last block's attention, averaged over heads
+
+
+class CrossAttentionBlock(nn.Module):
+    """LayerNorm, multi-head cross-attention, residual, feed-forward, residual."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"focus dim {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.ln_q = nn.LayerNorm(dim)
+        self.ln_kv = nn.LayerNorm(dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self.ln_mlp = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(
+        self, x: torch.Tensor, kv: torch.Tensor, key_mask: torch.Tensor | None, gumbel_tau: float | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, Q, D = x.shape
+        N = kv.shape[1]
+        H, hd = self.heads, D // self.heads
+        kv_n = self.ln_kv(kv)
+        q = self.q_proj(self.ln_q(x)).view(B, Q, H, hd).transpose(1, 2)  # [B, H, Q, hd]
+        k = self.k_proj(kv_n).view(B, N, H, hd).transpose(1, 2)  # [B, H, N, hd]
+        v = self.v_proj(kv_n).view(B, N, H, hd).transpose(1, 2)
+        logits = q @ k.transpose(-1, -2) / math.sqrt(hd)  # [B, H, Q, N]
+        if key_mask is not None:
+            logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        if gumbel_tau is not None:
+            weights = F.gumbel_softmax(logits, tau=gumbel_tau, hard=False, dim=-1)
+        else:
+            weights = logits.softmax(dim=-1)
+        out = (weights @ v).transpose(1, 2).reshape(B, Q, D)
+        x = x + self.out_proj(out)
+        x = x + self.mlp(self.ln_mlp(x))
+        return x, weights.mean(dim=1)
+
+
+class FocusedView(nn.Module):
+    """One-to-many re-scoring of k candidates.
+
+    text->video: queries are I_2..I_m, candidates are videos with L = T frame tokens each.
+    video->text: queries are a video's T frame tokens, candidates are captions with L = m-1 indicators each.
+    Keys get a position embedding (frame index / indicator index) and a slot embedding (broad-view rank).
+    """
+
+    def __init__(
+        self, dim: int, num_queries: int, num_slots: int, seq_len: int, layers: int, heads: int
+    ) -> None:
+        super().__init__()
+        self.num_queries, self.num_slots, self.seq_len = num_queries, num_slots, seq_len
+        self.query_pos = nn.Parameter(torch.randn(num_queries, dim) * 0.02)
+        self.key_pos = nn.Parameter(torch.randn(seq_len, dim) * 0.02)
+        self.slot_emb = nn.Parameter(torch.randn(num_slots, dim) * 0.02)
+        self.blocks = nn.ModuleList(CrossAttentionBlock(dim, heads) for _ in range(layers))
+        self.head = nn.Sequential(nn.Linear(num_queries * dim, dim), nn.GELU(), nn.Linear(dim, num_slots))
+        # Zero-initialised last layer: an untrained focused view changes no score and no ranking.
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+
+    def forward(
+        self,
+        queries: torch.Tensor,  # [B, Q, D]
+        candidates: torch.Tensor,  # [B, k, L, D], k <= num_slots
+        slot_mask: torch.Tensor | None = None,  # [B, k] True where the slot holds a real candidate
+        gumbel_tau: float | None = None,
+    ) -> FocusOutput:
+        B, k, L, D = candidates.shape
+        if k > self.num_slots or L != self.seq_len or queries.shape[1] != self.num_queries:
+            raise ValueError(
+                f"focused view expects <= {self.num_slots} candidates of {self.seq_len} tokens and "
+                f"{self.num_queries} queries, got {k} x {L} and {queries.shape[1]}"
+            )
+        dtype = self.key_pos.dtype
+        kv = candidates.to(dtype) + self.key_pos[None, None] + self.slot_emb[None, :k, None]
+        kv = kv.reshape(B, k * L, D)  # [B, k*L, D]
+        key_mask = None
+        if slot_mask is not None:
+            key_mask = slot_mask[:, :, None].expand(B, k, L).reshape(B, k * L)
+        x = queries.to(dtype) + self.query_pos[None]
+        attn = None
+        for block in self.blocks:
+            x, attn = block(x, kv, key_mask, gumbel_tau)
+        delta = self.head(x.reshape(B, -1))[:, :k]  # [B, k]
+        if slot_mask is not None:
+            delta = delta.masked_fill(~slot_mask, 0.0)
+        assert attn is not None
+        return FocusOutput(delta=delta.float(), attention=attn.float().view(B, -1, k, L))

@@ -1,0 +1,76 @@
+"""Losses and retrieval metrics against hand-computed values."""
+
+import numpy as np
+import pytest
+import torch
+
+from model.losses import topk_with_truth
+from model.metrics import group_r1, ranks_from_scores, summarize, two_stage_ranks
+
+
+def test_topk_swaps_in_truth_and_keeps_broad_order():
+    sim = torch.tensor(
+        [
+            [0.1, 0.9, 0.8, 0.7],  # truth (col 0) is last: replaces 0.7, then sorted
+            [0.5, 0.6, 0.1, 0.2],  # truth (col 1) already first
+            [0.3, 0.2, 0.4, 0.9],
+            [0.9, 0.1, 0.2, 0.3],  # truth (col 3) is second
+        ]
+    )
+    idx, target = topk_with_truth(sim, 3)
+    assert idx.tolist() == [[1, 2, 0], [1, 0, 3], [3, 2, 0], [0, 3, 2]]
+    assert target.tolist() == [2, 0, 1, 1]
+    assert torch.equal(idx.gather(1, target[:, None]).squeeze(1), torch.arange(4))
+
+
+def test_ranks_hand_computed_with_ties():
+    scores = np.array(
+        [
+            [0.9, 0.5, 0.1],  # truth 0 -> rank 1
+            [0.5, 0.5, 0.1],  # truth 1 tied with 0 -> pessimistic rank 2
+            [0.2, 0.3, 0.1],  # truth 2 -> rank 3
+        ]
+    )
+    truth = np.eye(3, dtype=bool)
+    ranks = ranks_from_scores(scores, truth)
+    assert ranks.tolist() == [1, 2, 3]
+    m = summarize(ranks)
+    assert m["R@1"] == pytest.approx(100 / 3)
+    assert m["R@5"] == 100.0 and m["MdR"] == 2.0 and m["MnR"] == 2.0
+
+
+def test_best_of_several_true_items_counts():
+    scores = np.array([[0.1, 0.8, 0.9, 0.7]])
+    truth = np.array([[True, False, False, True]])  # best true is 0.7 -> two items above
+    assert ranks_from_scores(scores, truth).tolist() == [3]
+
+
+def test_constant_scores_rank_worst():
+    assert ranks_from_scores(np.zeros((2, 5)), np.eye(2, 5, dtype=bool)).tolist() == [5, 5]
+
+
+def test_two_stage_reorders_only_topk_and_keeps_recall_at_k():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(200, 50))
+    scores[:, :5] = 0.25  # ties at the boundary must not break the invariant
+    truth = np.zeros_like(scores, dtype=bool)
+    truth[np.arange(200), rng.integers(0, 50, 200)] = True
+    broad, two = two_stage_ranks(scores, truth, 10, lambda rows, cols: rng.normal(size=cols.shape) * 3)
+    assert np.mean(broad <= 10) == np.mean(two <= 10)
+    assert np.array_equal(broad[broad > 10], two[broad > 10])
+    assert (two != broad).any()
+
+
+def test_two_stage_can_fix_a_near_tie():
+    scores = np.array([[0.50, 0.51, 0.1]])
+    truth = np.array([[True, False, False]])
+
+    def rescore(rows, cols):
+        return np.where(cols == 0, 0.05, 0.0)
+
+    broad, two = two_stage_ranks(scores, truth, 2, rescore)
+    assert broad.tolist() == [2] and two.tolist() == [1]
+
+
+def test_group_r1():
+    assert group_r1(np.array([1, 2, 1, 1]), ["a", "a", "b", "b"]) == {"a": 50.0, "b": 100.0}
