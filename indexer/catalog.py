@@ -174,6 +174,10 @@ class VideoNotAvailableError(RuntimeError):
     """Segments were offered for a video that does not exist or was deleted meanwhile."""
 
 
+class IdAllocationError(RuntimeError):
+    """Segment ids cannot be allocated in the session's current state."""
+
+
 class ModelMismatchError(ValueError):
     """A model id is already registered with different dimensions."""
 
@@ -228,8 +232,8 @@ def create_video(
     sha256 = sha256.lower()
     if not _SHA256.fullmatch(sha256):
         raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
-    values = dict(sha256=sha256, source=source, title=title, stored_path=stored_path, filename=filename)
-    values.update(size_bytes=size_bytes, meta=meta or {}, status="pending")
+    values: dict[str, Any] = dict(sha256=sha256, source=source, title=title, stored_path=stored_path)
+    values.update(filename=filename, size_bytes=size_bytes, meta=meta or {}, status="pending")
     stmt = _insert(session, Video).values(**values).on_conflict_do_nothing(index_elements=["sha256"])
     new_id = session.execute(stmt.returning(Video.id)).scalar_one_or_none()
     if new_id is None:
@@ -274,7 +278,15 @@ def allocate_segment_ids(session: Session, n: int) -> list[int]:
         seq = func.pg_get_serial_sequence(Segment.__tablename__, "id")
         ids = session.scalars(select(func.nextval(seq)).select_from(func.generate_series(1, n)))
         return sorted(ids)
-    # A short transaction of its own, so the SQLite write lock is not held while tokens are written.
+    # A short transaction of its own, so the ids stay used even if the caller rolls back, and the
+    # SQLite write lock is not held while tokens are written.
+    dbapi = session.connection().connection.dbapi_connection if session.in_transaction() else None
+    if getattr(dbapi, "in_transaction", False):
+        raise IdAllocationError(
+            "allocate_segment_ids was called while this session holds SQLite's write lock (it has written "
+            "in its open transaction), so a separate allocation transaction cannot run; commit first, or "
+            "allocate before writing"
+        )
     engine = getattr(bind, "engine", bind)
     with Session(engine) as own:
         own.execute(sqlite.insert(IdAllocator).values(name="segments", next_id=1).on_conflict_do_nothing())
