@@ -1,0 +1,523 @@
+"""FAISS index over segment CLS vectors: inner product on L2-normalised vectors, keyed by segment id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+SNAPSHOT_FORMAT = 1
+MIN_TRAIN_PER_CENTROID = 39  # below this faiss's k-means warns that centroids are poorly estimated
+_TORCH_BLOCK_ROWS = 65536  # database rows per matmul block in batched exact search
+_STALE_TMP_SECONDS = 3600
+
+
+class VectorIndexError(Exception):
+    """Base class for vector index errors."""
+
+
+class CorruptSnapshotError(VectorIndexError):
+    """A snapshot is missing, truncated or fails its checksum; rebuild the index from the token store."""
+
+
+class SnapshotNotFoundError(CorruptSnapshotError):
+    """No snapshot exists at the path; build the index from the token store."""
+
+
+class DuplicateIdError(VectorIndexError, ValueError):
+    """Ids are already in the index (live, or removed but awaiting compaction)."""
+
+
+class TrainingError(VectorIndexError, ValueError):
+    """The index cannot be trained from the given vectors, or is used before training."""
+
+
+class _RWLock:
+    """Many concurrent searches, one exclusive mutation; waiting writers block new readers."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def _as_ids(ids: Iterable[int] | np.ndarray) -> np.ndarray:
+    arr = np.asarray(ids)
+    if arr.size and (arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"ids must be a 1-D sequence of integers, got shape {arr.shape} {arr.dtype}")
+    return arr.astype(np.int64).reshape(-1)
+
+
+def _can_remove(index: faiss.Index) -> bool:
+    try:
+        index.remove_ids(faiss.IDSelectorRange(0, 0))
+    except RuntimeError:
+        return False
+    return True
+
+
+def _top_hnsw(index: faiss.Index) -> Any:
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    return inner if isinstance(inner, faiss.IndexHNSW) else None
+
+
+class VectorIndex:
+    """An ``IndexIDMap2`` over ``faiss.index_factory(dim, factory, METRIC_INNER_PRODUCT)``.
+
+    Vectors are L2-normalised on the way in, queries too, so scores are cosine similarities.
+    Indexes that cannot remove (HNSW) keep a tombstone set excluded at search; rebuilding compacts.
+    """
+
+    def __init__(
+        self, dim: int, factory: str = "Flat", *, nprobe: int | None = None, ef_search: int | None = None
+    ):
+        if "IDMap" in factory:
+            raise ValueError(f"factory {factory!r}: leave out IDMap, ids are always mapped with IndexIDMap2")
+        try:
+            base = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            raise ValueError(f"faiss cannot build factory {factory!r} for dim {dim}: {e}") from e
+        self._setup(faiss.IndexIDMap2(base), dim, factory, np.zeros(0, np.int64))
+        self.set_search_params(nprobe=nprobe, ef_search=ef_search)
+
+    def _setup(self, index: faiss.IndexIDMap2, dim: int, factory: str, tombstones: np.ndarray) -> None:
+        self._index, self.dim, self.factory = index, dim, factory
+        self._lock = _RWLock()
+        base = faiss.downcast_index(index.index)
+        self._removable = _can_remove(base)
+        self._flat = base if type(base) is faiss.IndexFlat else None  # enables the torch batched path
+        self._gpu_res: Any = None
+        all_ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+        self._tombstones = np.unique(tombstones)
+        self._live = np.setdiff1d(all_ids, self._tombstones)
+        self._params: faiss.SearchParameters | None = None
+        self._selector: Any = None
+        self._refresh_params()
+
+    # --- configuration -------------------------------------------------------------------------------
+    def set_search_params(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Search-time knobs: IVF ``nprobe`` (lists scanned) and HNSW ``efSearch`` (candidate pool)."""
+        with self._lock.write():
+            base = self._index.index
+            if nprobe is not None:
+                ivf = faiss.try_extract_index_ivf(base)
+                if ivf is None or nprobe < 1:
+                    raise ValueError(
+                        f"nprobe={nprobe} needs an IVF factory and a value >= 1 ({self.factory!r})"
+                    )
+                ivf.nprobe = min(nprobe, ivf.nlist)
+            if ef_search is not None:
+                hnsw = _top_hnsw(base)
+                if hnsw is None or ef_search < 1:
+                    raise ValueError(
+                        f"ef_search={ef_search} needs an HNSW factory and a value >= 1 ({self.factory!r})"
+                    )
+                hnsw.hnsw.efSearch = ef_search
+            self._refresh_params()
+
+    def search_params(self) -> dict[str, int | None]:
+        ivf = faiss.try_extract_index_ivf(self._index.index)
+        hnsw = _top_hnsw(self._index.index)
+        return {"nprobe": ivf.nprobe if ivf else None, "ef_search": hnsw.hnsw.efSearch if hnsw else None}
+
+    def _refresh_params(self) -> None:
+        # Tombstones are excluded inside the search (IDSelector) so HNSW still returns k live results.
+        if not len(self._tombstones) or self._gpu_res is not None:
+            self._params = self._selector = None
+            return
+        batch = faiss.IDSelectorBatch(self._tombstones)
+        self._selector = (batch, faiss.IDSelectorNot(batch))  # params do not own their selectors
+        hnsw = _top_hnsw(self._index.index)
+        if isinstance(faiss.downcast_index(self._index.index), faiss.IndexHNSW):
+            self._params = faiss.SearchParametersHNSW(sel=self._selector[1], efSearch=hnsw.hnsw.efSearch)
+        else:
+            self._params = faiss.SearchParameters(sel=self._selector[1])
+
+    # --- state ---------------------------------------------------------------------------------------
+    @property
+    def needs_training(self) -> bool:
+        return not self._index.index.is_trained
+
+    @property
+    def ntotal(self) -> int:
+        """Live vectors (tombstoned ids excluded)."""
+        return len(self._live)
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def ids(self) -> np.ndarray:
+        """Sorted int64 array of live ids."""
+        return self._live.copy()
+
+    def contains(self, ids: Iterable[int] | np.ndarray) -> np.ndarray:
+        """bool [N]: which ids are live in the index."""
+        arr, live = _as_ids(ids), self._live
+        pos = np.searchsorted(live, arr)
+        return (pos < len(live)) & (live[np.minimum(pos, len(live) - 1)] == arr) if len(live) else arr < -1
+
+    def __contains__(self, segment_id: object) -> bool:
+        return isinstance(segment_id, int | np.integer) and bool(self.contains([int(segment_id)])[0])
+
+    def _prepare(self, vecs: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
+        if isinstance(vecs, torch.Tensor):
+            vecs = vecs.detach().cpu().float().numpy()
+        x = np.array(vecs, dtype=np.float32, order="C", ndmin=2)  # a copy: normalised in place
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"{what} must be [N, {self.dim}], got {tuple(np.shape(vecs))}")
+        if not np.isfinite(x).all():
+            raise ValueError(f"{what} contain NaN or inf")
+        faiss.normalize_L2(x)
+        return x
+
+    # --- mutation ------------------------------------------------------------------------------------
+    def train(self, vecs: np.ndarray | torch.Tensor) -> None:
+        """Train IVF/PQ quantizers from stored CLS vectors; a no-op for factories that need no training."""
+        x = self._prepare(vecs, "training vectors")
+        with self._lock.write():
+            if not self.needs_training:
+                return
+            base = self._index.index
+            ivf = faiss.try_extract_index_ivf(base)
+            centroids = max(ivf.nlist if ivf is not None else 1, _pq_centroids(base))
+            need = MIN_TRAIN_PER_CENTROID * centroids if centroids > 1 else 1
+            if len(x) < need:
+                raise TrainingError(
+                    f"factory {self.factory!r} needs at least {need} training vectors ({MIN_TRAIN_PER_CENTROID} per "
+                    f"centroid x {centroids}), got {len(x)}; use factory 'Flat' for a library this small "
+                    "(or a smaller nlist)"
+                )
+            # k-means assignment is a batched search: let it use BLAS (faiss-cpu defaults to >=128000 rows).
+            saved = faiss.cvar.distance_compute_blas_threshold
+            faiss.cvar.distance_compute_blas_threshold = 20
+            try:
+                self._index.train(x)
+            finally:
+                faiss.cvar.distance_compute_blas_threshold = saved
+
+    def add(self, ids: Iterable[int] | np.ndarray, vecs: np.ndarray | torch.Tensor) -> None:
+        """Add vectors [N, D] under segment ids [N]; ids already present raise DuplicateIdError."""
+        arr, x = _as_ids(ids), self._prepare(vecs, "vectors")
+        if len(arr) != len(x):
+            raise ValueError(f"got {len(arr)} ids for {len(x)} vectors")
+        new = np.unique(arr)
+        if len(new) != len(arr):
+            raise DuplicateIdError("the same id appears twice in one add() call")
+        with self._lock.write():
+            if self.needs_training:
+                raise TrainingError(
+                    f"factory {self.factory!r} must be trained before add(): call train(vecs)"
+                )
+            dup = arr[self.contains(arr) | np.isin(arr, self._tombstones)]
+            if len(dup):
+                raise DuplicateIdError(
+                    f"ids already in the index: {dup[:10].tolist()}; remove() them first (ids removed from an "
+                    "index that cannot delete, e.g. HNSW, stay reserved until the index is rebuilt)"
+                )
+            self._index.add_with_ids(x, arr)
+            self._live = np.union1d(self._live, new)
+
+    def remove(self, ids: Iterable[int] | np.ndarray) -> int:
+        """Remove ids (absent ids are ignored); returns how many were removed."""
+        arr = np.unique(_as_ids(ids))
+        with self._lock.write():
+            gone = arr[self.contains(arr)]
+            if not len(gone):
+                return 0
+            if self._removable:
+                self._index.remove_ids(faiss.IDSelectorBatch(gone))
+            else:
+                self._tombstones = np.union1d(self._tombstones, gone)
+            self._live = np.setdiff1d(self._live, gone, assume_unique=True)
+            self._refresh_params()
+            return len(gone)
+
+    # --- search --------------------------------------------------------------------------------------
+    def search(self, queries: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by cosine: (scores float32 [B, k], ids int64 [B, k]); missing slots are (-inf, -1)."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        q = self._prepare(queries, "queries")
+        with self._lock.read():
+            if not len(self._live):
+                return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+            if self._flat is not None and len(q) > 1:
+                scores, ids = self._search_torch(q, k)
+            else:
+                # One query gains nothing from OpenMP threads and loses to their wake-up (PERF-NOTES);
+                # the setting is per calling thread in libgomp.
+                faiss.omp_set_num_threads(1 if len(q) == 1 else _cpu_count())
+                fetch = k + len(self._tombstones) if self._gpu_res is not None else k
+                scores, ids = self._index.search(q, fetch, params=self._params)
+                if fetch > k:  # on a GPU, tombstones are filtered after the search
+                    scores, ids = _drop(scores, ids, self._tombstones, k)
+        scores[ids < 0] = -np.inf
+        return scores, ids
+
+    def _search_torch(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        # Exact batched search as a matmul: torch's GEMM beats faiss's bundled BLAS several-fold here.
+        assert self._flat is not None
+        n = self._flat.ntotal
+        xb = faiss.rev_swig_ptr(self._flat.get_xb(), n * self.dim).reshape(n, self.dim)
+        id_map = faiss.rev_swig_ptr(self._index.id_map.data(), n)
+        qt = torch.from_numpy(q)
+        best_s = best_i = None
+        for start in range(0, n, _TORCH_BLOCK_ROWS):
+            s = qt @ torch.from_numpy(xb[start : start + _TORCH_BLOCK_ROWS]).T  # [B, rows]
+            top_s, top_i = torch.topk(s, min(k, s.shape[1]), dim=1)
+            top_i += start
+            if best_s is not None:
+                top_s, pick = torch.topk(
+                    torch.cat([best_s, top_s], 1), min(k, best_s.shape[1] + top_s.shape[1]), 1
+                )
+                top_i = torch.gather(torch.cat([best_i, top_i], 1), 1, pick)
+            best_s, best_i = top_s, top_i
+        assert best_s is not None and best_i is not None
+        scores = np.full((len(q), k), -np.inf, np.float32)
+        ids = np.full((len(q), k), -1, np.int64)
+        scores[:, : best_s.shape[1]] = best_s.numpy()
+        ids[:, : best_i.shape[1]] = id_map[best_i.numpy()]
+        return scores, ids
+
+    # --- devices and snapshots -----------------------------------------------------------------------
+    def to_gpu(self, device: int = 0) -> bool:
+        """Clone the index to a GPU (fp16) when faiss has GPU support and a device exists; False otherwise."""
+        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+            logger.info("faiss has no GPU support or sees no device; the index stays on the CPU")
+            return False
+        with self._lock.write():
+            if self._gpu_res is not None:
+                return True
+            res = faiss.StandardGpuResources()
+            options = faiss.GpuClonerOptions()
+            options.useFloat16 = True
+            try:
+                gpu_index = faiss.index_cpu_to_gpu(res, device, self._index, options)
+            except RuntimeError as e:
+                logger.warning("factory %r cannot move to the GPU, staying on the CPU: %s", self.factory, e)
+                return False
+            self._index, self._gpu_res, self._flat = gpu_index, res, None
+            self._removable = _can_remove(gpu_index.index)
+            self._refresh_params()
+            return True
+
+    def save(self, path: Path | str, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Atomically write ``path`` and ``path.manifest.json``; returns the manifest written."""
+        with self._lock.read():
+            cpu = faiss.index_gpu_to_cpu(self._index) if self._gpu_res is not None else self._index
+            full = {
+                **manifest,
+                "format": SNAPSHOT_FORMAT,
+                "count": len(self._live),
+                "factory": self.factory,
+                "dim": self.dim,
+                "tombstones": self._tombstones.tolist(),
+                **self.search_params(),
+            }
+            return _atomic_save(cpu, Path(path), full)
+
+    @classmethod
+    def load(
+        cls, path: Path | str, *, nprobe: int | None = None, ef_search: int | None = None
+    ) -> tuple[VectorIndex, dict[str, Any]]:
+        """Load a snapshot written by save(); raises CorruptSnapshotError if it does not verify."""
+        path = Path(path)
+        manifest, data = _read_verified(path)
+        try:
+            index = faiss.deserialize_index(data)
+        except RuntimeError as e:
+            raise CorruptSnapshotError(
+                f"{path} does not deserialize ({e}); rebuild it from the token store"
+            ) from e
+        tombstones = np.asarray(manifest.get("tombstones", []), np.int64)
+        if (
+            not isinstance(index, faiss.IndexIDMap2)
+            or index.d != manifest["dim"]
+            or index.ntotal != manifest["count"] + len(tombstones)
+        ):
+            raise CorruptSnapshotError(
+                f"{path} does not match its manifest (dim/count); rebuild it from the token store"
+            )
+        obj = cls.__new__(cls)
+        obj._setup(index, int(manifest["dim"]), str(manifest["factory"]), tombstones)
+        obj.set_search_params(
+            nprobe=nprobe or manifest.get("nprobe"), ef_search=ef_search or manifest.get("ef_search")
+        )
+        return obj, manifest
+
+
+def build_index(
+    dim: int,
+    factory: str,
+    ids: Iterable[int] | np.ndarray,
+    vecs: np.ndarray | torch.Tensor,
+    *,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+) -> VectorIndex:
+    """A new index holding ``vecs`` under ``ids``, trained on the same vectors when the factory needs it."""
+    index = VectorIndex(dim, factory, nprobe=nprobe, ef_search=ef_search)
+    if index.needs_training:
+        index.train(vecs)
+    index.add(ids, vecs)
+    return index
+
+
+def _pq_centroids(base: faiss.Index) -> int:
+    for candidate in (faiss.downcast_index(base), faiss.try_extract_index_ivf(base)):
+        pq = getattr(faiss.downcast_index(candidate), "pq", None) if candidate is not None else None
+        if pq is not None:
+            return int(pq.ksub)
+    return 1
+
+
+def _drop(
+    scores: np.ndarray, ids: np.ndarray, tombstones: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    keep = ~np.isin(ids, tombstones)
+    out_s, out_i = np.full((len(ids), k), -np.inf, np.float32), np.full((len(ids), k), -1, np.int64)
+    for row in range(len(ids)):
+        s, i = scores[row][keep[row]][:k], ids[row][keep[row]][:k]
+        out_s[row, : len(s)], out_i[row, : len(i)] = s, i
+    return out_s, out_i
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _manifest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".manifest.json")
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_save(index: faiss.Index, path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    # The index rename is the commit point: the new manifest is durable beside it before that, so a
+    # crash between the two renames is recovered by load(); before it, the old pair is untouched.
+    json.dumps(manifest)  # fail on an unserialisable manifest before touching the disk
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp_index = path.with_name(f"{path.name}.tmp-{token}")
+    tmp_manifest = path.with_name(f"{_manifest_path(path).name}.tmp-{token}")
+    committed = False
+    try:
+        digest = hashlib.sha256()
+        with open(tmp_index, "wb") as f:
+
+            def write(chunk: bytes) -> int:
+                digest.update(chunk)
+                return f.write(chunk)
+
+            faiss.write_index(index, faiss.PyCallbackIOWriter(write))
+            f.flush()
+            os.fsync(f.fileno())
+        manifest = {**manifest, "sha256": digest.hexdigest()}
+        with open(tmp_manifest, "w") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_index, path)
+        committed = True
+        os.replace(tmp_manifest, _manifest_path(path))
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp_index.unlink(missing_ok=True)
+        if not committed:
+            tmp_manifest.unlink(missing_ok=True)
+        raise
+    _remove_stale_tmp(path)
+    logger.info("saved index snapshot %s (%d vectors)", path, manifest["count"])
+    return manifest
+
+
+def _remove_stale_tmp(path: Path) -> None:
+    # Leftovers of crashed saves; recent ones may belong to a save still running in another process.
+    cutoff = time.time() - _STALE_TMP_SECONDS
+    for stale in path.parent.glob(f"{path.name}*.tmp-*"):
+        try:
+            if stale.stat().st_mtime < cutoff:
+                stale.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _read_verified(path: Path) -> tuple[dict[str, Any], np.ndarray]:
+    """(manifest, index bytes) whose sha256 agree; the pending manifest of an interrupted save counts."""
+    manifest_path = _manifest_path(path)
+    if not path.exists() and not manifest_path.exists():
+        raise SnapshotNotFoundError(f"no index snapshot at {path}; build the index from the token store")
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise CorruptSnapshotError(f"cannot read {path} ({e}); rebuild it from the token store") from e
+    digest = hashlib.sha256(data).hexdigest()
+    candidates = [manifest_path, *sorted(path.parent.glob(f"{manifest_path.name}.tmp-*"))]
+    for candidate in candidates:
+        try:
+            manifest = json.loads(candidate.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest, dict) and manifest.get("sha256") == digest:
+            if manifest.get("format") != SNAPSHOT_FORMAT:
+                raise CorruptSnapshotError(
+                    f"{candidate} has format {manifest.get('format')}, expected {SNAPSHOT_FORMAT}"
+                )
+            if candidate != manifest_path:
+                logger.warning("using %s: the save that wrote %s was interrupted", candidate, path)
+            return manifest, data
+    raise CorruptSnapshotError(
+        f"{path} is truncated, corrupt or has no matching manifest ({manifest_path}); rebuild it from the token store"
+    )

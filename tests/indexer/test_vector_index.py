@@ -1,0 +1,253 @@
+"""Vector index: exactness against brute force, deletion, approximate recall, snapshots and their atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from indexer.vector_index import (
+    CorruptSnapshotError,
+    DuplicateIdError,
+    SnapshotNotFoundError,
+    TrainingError,
+    VectorIndex,
+    build_index,
+)
+
+D = 32
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _mixture(n: int, clusters: int, dim: int = D, seed: int = 0) -> np.ndarray:
+    """Clustered unit vectors like CLIP embeddings: a shared direction, a cluster centre and noise."""
+    rng = np.random.default_rng(seed)
+    common = _unit(rng.standard_normal((1, dim)))
+    centres = _unit(rng.standard_normal((clusters, dim)))
+    noise = _unit(rng.standard_normal((n, dim)))
+    return _unit(0.55 * common + 0.55 * centres[rng.integers(0, clusters, n)] + 0.63 * noise)
+
+
+def _exact(db: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = _unit(q) @ db.T
+    top = np.argsort(-scores, axis=1)[:, :k]
+    return np.take_along_axis(scores, top, 1), ids[top]
+
+
+@pytest.mark.parametrize("batch", [1, 7])  # one query goes through faiss, batches through a torch matmul
+def test_flat_search_is_exact(batch: int) -> None:
+    rng = np.random.default_rng(batch)
+    db, ids = _mixture(500, 10), rng.permutation(10_000)[:500].astype(np.int64)
+    index = build_index(D, "Flat", ids, db * 3.0)  # unnormalised input: normalised on the way in
+    q = rng.standard_normal((batch, D)).astype(np.float32)
+    scores, got = index.search(q, 10)
+    want_scores, want = _exact(db, ids, q, 10)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_k_beyond_size_pads_with_minus_one(batch: int) -> None:
+    index = build_index(D, "Flat", [4, 9], _mixture(2, 2))
+    scores, ids = index.search(_mixture(batch, 2, seed=1), 5)
+    assert ids.shape == (batch, 5) and (ids[:, 2:] == -1).all() and np.isneginf(scores[:, 2:]).all()
+    assert set(ids[0, :2].tolist()) == {4, 9}
+    empty = VectorIndex(D)
+    assert empty.search(np.ones(D, np.float32), 3)[1].tolist() == [[-1, -1, -1]]
+
+
+def test_flat_remove_and_membership() -> None:
+    db = _mixture(200, 5)
+    index = build_index(D, "Flat", np.arange(100, 300), db)
+    assert index.remove([100, 150, 999]) == 2
+    assert index.ntotal == len(index) == 198
+    assert 150 not in index and 151 in index and np.int64(151) in index and "151" not in index
+    assert index.contains([100, 101, 5]).tolist() == [False, True, False]
+    _, ids = index.search(db[[0, 50]], 5)
+    assert not np.isin(ids, [100, 150]).any()
+    assert ids[0, 0] != 100 and ids[1, 0] != 150
+    index.add([150], db[[50]])  # a removable index takes a removed id back
+    assert index.search(db[50], 1)[1][0, 0] == 150
+
+
+def test_duplicate_and_malformed_adds_are_refused() -> None:
+    index = build_index(D, "Flat", [1, 2], _mixture(2, 2))
+    with pytest.raises(DuplicateIdError, match=r"\[2\]"):
+        index.add([3, 2], _mixture(2, 2))
+    with pytest.raises(DuplicateIdError):
+        index.add([5, 5], _mixture(2, 2))
+    with pytest.raises(ValueError, match=f"\\[N, {D}\\]"):
+        index.add([7], np.ones((1, D + 1), np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        index.add([7], np.full((1, D), np.nan, np.float32))
+    assert index.ids().tolist() == [1, 2]
+
+
+def test_hnsw_removes_with_tombstones() -> None:
+    db = _mixture(2000, 20)
+    index = build_index(D, "HNSW16", np.arange(2000), db, ef_search=64)
+    gone = np.arange(0, 2000, 2)
+    assert index.remove(gone) == 1000
+    assert index.ntotal == 1000 and 0 not in index and 1 in index
+    scores, ids = index.search(db[:20], 10)
+    assert not np.isin(ids, gone).any()
+    assert (ids >= 0).all()  # still k live results: tombstones are skipped inside the graph search
+    with pytest.raises(DuplicateIdError, match="rebuilt"):
+        index.add([0], db[:1])
+
+
+def test_ivf_recall_against_exact_search() -> None:
+    n, k = 5000, 10
+    # 256 clusters over 64 lists: neighbours straddle lists, so nprobe=1 would score ~0.8 here.
+    data = _mixture(n + 200, 256, dim=128)  # queries drawn from the same mixture, not indexed
+    db, queries = data[:n], data[n:]
+    ids = np.arange(n) * 7
+    index = VectorIndex(128, "IVF64,Flat", nprobe=16)
+    assert index.needs_training
+    with pytest.raises(TrainingError, match="train"):
+        index.add(ids, db)
+    index.train(db)
+    assert not index.needs_training
+    index.add(ids, db)
+    _, got = index.search(queries, k)
+    _, want = _exact(db, ids, queries, k)
+    recall = np.mean([len(set(g) & set(w)) / k for g, w in zip(got.tolist(), want.tolist(), strict=True)])
+    print(f"IVF64,Flat nprobe=16 recall@10 = {recall:.3f} on {n} clustered vectors")
+    assert recall >= 0.9
+    assert index.remove(ids[:10]) == 10 and index.ntotal == n - 10
+
+
+def test_training_with_too_few_vectors_suggests_flat() -> None:
+    index = VectorIndex(D, "IVF64,Flat")
+    with pytest.raises(TrainingError, match="Flat"):
+        index.train(_mixture(500, 4))
+    with pytest.raises(ValueError, match="nprobe"):
+        VectorIndex(D, "Flat", nprobe=4)
+    with pytest.raises(ValueError, match="factory"):
+        VectorIndex(D, "NoSuchIndex")
+
+
+def test_snapshot_round_trip(tmp_path: Path) -> None:
+    db = _mixture(1000, 16)
+    index = build_index(D, "HNSW16", np.arange(1000) + 10, db, ef_search=48)
+    index.remove([10, 11])
+    path = tmp_path / "index.faiss"
+    written = index.save(path, {"model_id": "ViT-B-32:abc", "last_seq": 41})
+    loaded, manifest = VectorIndex.load(path)
+    assert manifest == json.loads((tmp_path / "index.faiss.manifest.json").read_text()) == written
+    assert manifest["model_id"] == "ViT-B-32:abc" and manifest["last_seq"] == 41
+    assert (manifest["count"], manifest["factory"], manifest["dim"]) == (998, "HNSW16", D)
+    assert manifest["ef_search"] == 48 and len(manifest["sha256"]) == 64
+    assert loaded.ntotal == 998 and 10 not in loaded
+    np.testing.assert_array_equal(loaded.search(db[:5], 10)[1], index.search(db[:5], 10)[1])
+    loaded.save(path, {**manifest, "last_seq": 42})  # a loaded manifest can be passed back
+    assert VectorIndex.load(path)[1]["last_seq"] == 42
+
+
+def _saved(tmp_path: Path, n: int = 50) -> tuple[Path, VectorIndex]:
+    index = build_index(D, "Flat", np.arange(n), _mixture(n, 3))
+    path = tmp_path / "index.faiss"
+    index.save(path, {"model_id": "m", "last_seq": n})
+    return path, index
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no_manifest", "bad_manifest"])
+def test_damaged_snapshot_raises(tmp_path: Path, damage: str) -> None:
+    path, _ = _saved(tmp_path)
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "flip":
+        raw[len(raw) // 2] ^= 0x10
+        path.write_bytes(bytes(raw))
+    elif damage == "no_manifest":
+        Path(f"{path}.manifest.json").unlink()
+    else:
+        Path(f"{path}.manifest.json").write_text("{not json")
+    with pytest.raises(CorruptSnapshotError):
+        VectorIndex.load(path)
+
+
+def test_missing_snapshot_is_reported_as_not_found(tmp_path: Path) -> None:
+    with pytest.raises(SnapshotNotFoundError):
+        VectorIndex.load(tmp_path / "nothing.faiss")
+
+
+def test_failed_save_keeps_the_previous_snapshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, index = _saved(tmp_path, n=50)
+    index.add([1000], _mixture(1, 3, seed=5))
+
+    def crash(fd: int) -> None:
+        raise OSError("simulated crash while writing the snapshot")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError, match="simulated"):
+        index.save(path, {"model_id": "m", "last_seq": 51})
+    monkeypatch.undo()
+    loaded, manifest = VectorIndex.load(path)
+    assert manifest["last_seq"] == 50 and loaded.ntotal == 50
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.faiss", "index.faiss.manifest.json"]
+
+
+def test_crash_between_renames_recovers_the_new_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, index = _saved(tmp_path, n=50)
+    index.add([1000], _mixture(1, 3, seed=5))
+    real_replace, calls = os.replace, []
+
+    def replace_then_crash(src: str, dst: str) -> None:
+        calls.append(dst)
+        if str(dst).endswith(".manifest.json"):
+            raise OSError("simulated crash after the index rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_then_crash)
+    with pytest.raises(OSError, match="simulated"):
+        index.save(path, {"model_id": "m", "last_seq": 51})
+    monkeypatch.undo()
+    assert len(calls) == 2
+    loaded, manifest = VectorIndex.load(path)  # the new index file is paired with its pending manifest
+    assert manifest["last_seq"] == 51 and loaded.ntotal == 51 and 1000 in loaded
+
+
+def test_concurrent_search_while_adding() -> None:
+    db = _mixture(2000, 8)
+    index = build_index(D, "Flat", np.arange(1000), db[:1000])
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def searcher(batch: int) -> None:
+        try:
+            while not done.is_set():
+                _, ids = index.search(db[:batch], 5)
+                assert (ids >= 0).all() and (ids < 2000).all()
+        except BaseException as e:  # surfaced in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=searcher, args=(b,)) for b in (1, 4)]
+    for t in threads:
+        t.start()
+    for start in range(1000, 2000, 100):
+        index.add(np.arange(start, start + 100), db[start : start + 100])
+        index.remove([start - 1000])
+    done.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert index.ntotal == 1990
+
+
+@pytest.mark.skipif(hasattr(faiss, "StandardGpuResources"), reason="faiss has GPU support here")
+def test_to_gpu_without_gpu_support_keeps_the_cpu_index() -> None:
+    index = build_index(D, "Flat", [1, 2], _mixture(2, 2))
+    assert index.to_gpu() is False
+    assert index.search(_mixture(1, 2), 1)[1][0, 0] in (1, 2)
