@@ -26,6 +26,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.mutable import MutableDict
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
 
 from indexer.db import UTCDateTime, utcnow
@@ -56,7 +57,7 @@ def _in(values: Sequence[str]) -> str:
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON()}
+    type_annotation_map = {datetime: UTCDateTime()}
 
 
 class Video(Base):
@@ -76,7 +77,8 @@ class Video(Base):
     height: Mapped[int | None]
     status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
     error: Mapped[str | None] = mapped_column(Text)
-    meta: Mapped[dict[str, Any]] = mapped_column(default=lambda: {})
+    # MutableDict: in-place edits (video.meta["k"] = v) are saved too.
+    meta: Mapped[dict[str, Any]] = mapped_column(MutableDict.as_mutable(JSON()), default=lambda: {})
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

@@ -158,7 +158,7 @@ def check_schema_current(engine: Engine) -> None:
     from alembic.script import ScriptDirectory
 
     url = engine.url.render_as_string(hide_password=True)
-    script = ScriptDirectory.from_config(_alembic_config(engine.url.render_as_string(hide_password=False)))
+    script = ScriptDirectory.from_config(_alembic_config(url))
     expected = set(script.get_heads())
     with engine.connect() as connection:
         current = set(MigrationContext.configure(connection).get_current_heads())

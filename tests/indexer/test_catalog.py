@@ -49,9 +49,11 @@ def test_create_video_is_idempotent_per_hash(session_factory: sessionmaker[Sessi
     with session_scope(session_factory) as session:
         first, created = catalog.create_video(session, sha256=sha(1).upper(), source="/a.mp4", title="A")
         assert created and first.status == "pending" and first.meta == {}
+        first.meta["codec"] = "h264"
     with session_scope(session_factory) as session:
         again, created = catalog.create_video(session, sha256=sha(1), source="/copy-of-a.mp4")
         assert not created and again.id == first.id and again.source == "/a.mp4"
+        assert again.meta == {"codec": "h264"}
         assert catalog.get_video_by_sha256(session, sha(1)).id == first.id
         assert catalog.get_video(session, 999_999) is None
         with pytest.raises(ValueError, match="64 hex digits"):
