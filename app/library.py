@@ -1,0 +1,172 @@
+"""Read-side service functions: catalog rows as API shapes, and the files behind media and thumbnails."""
+
+from __future__ import annotations
+
+import logging
+import mimetypes
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.schemas import JobPublic, SearchHit, SegmentPublic, VideoDetail, VideoPublic, VideosPublic
+from app.searcher import Hit
+from indexer import catalog, jobs
+from indexer.catalog import Job, Segment, Video
+from indexer.paths import DataDir
+
+logger = logging.getLogger(__name__)
+
+_MEDIA_TYPES = {
+    ".mp4": "video/mp4",
+    ".m4v": "video/mp4",
+    ".webm": "video/webm",
+    ".mkv": "video/x-matroska",
+    ".mov": "video/quicktime",
+    ".avi": "video/x-msvideo",
+    ".mpg": "video/mpeg",
+    ".mpeg": "video/mpeg",
+}
+
+
+def media_url(video_id: int) -> str:
+    return f"/videos/{video_id}/media"
+
+
+def thumbnail_url(segment_id: int) -> str:
+    return f"/segments/{segment_id}/thumbnail"
+
+
+def _first_thumbnails(session: Session, video_ids: list[int]) -> dict[int, int]:
+    """video id -> the segment id of its first thumbnail, in one query for a whole page."""
+    if not video_ids:
+        return {}
+    has_thumb = Segment.thumbnail.is_not(None)
+    first = (
+        select(Segment.video_id, func.min(Segment.ordinal).label("ordinal"))
+        .where(Segment.video_id.in_(video_ids), has_thumb)
+        .group_by(Segment.video_id)
+        .subquery()
+    )
+    stmt = (
+        select(Segment.video_id, Segment.id)
+        .join(first, (Segment.video_id == first.c.video_id) & (Segment.ordinal == first.c.ordinal))
+        .where(has_thumb)
+    )
+    return {video_id: seg_id for video_id, seg_id in session.execute(stmt).tuples()}
+
+
+def video_public(video: Video, thumb: int | None) -> VideoPublic:
+    return VideoPublic(
+        id=video.id,
+        title=video.title,
+        filename=video.filename,
+        status=video.status,
+        error=video.error,
+        size_bytes=video.size_bytes,
+        duration=video.duration_s,
+        fps=video.fps,
+        width=video.width,
+        height=video.height,
+        meta=video.meta or {},
+        created_at=video.created_at,
+        updated_at=video.updated_at,
+        media_url=media_url(video.id),
+        thumbnail_url=thumbnail_url(thumb) if thumb is not None else None,
+    )
+
+
+def job_public(job: Job) -> JobPublic:
+    return JobPublic(
+        id=job.id,
+        kind=job.kind,
+        video_id=job.video_id,
+        state=job.state,
+        progress=job.progress,
+        error=job.error,
+        attempts=job.attempts,
+        max_attempts=job.max_attempts,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        finished_at=job.finished_at,
+    )
+
+
+def list_videos(session: Session, *, offset: int, limit: int, status: str | None) -> VideosPublic:
+    rows, total = catalog.list_videos(session, offset=offset, limit=limit, status=status)
+    thumbs = _first_thumbnails(session, [v.id for v in rows])
+    data = [video_public(v, thumbs.get(v.id)) for v in rows]
+    return VideosPublic(data=data, count=total, offset=offset, limit=limit)
+
+
+def get_video_detail(session: Session, *, video_id: int) -> VideoDetail | None:
+    video = catalog.get_video(session, video_id)
+    if video is None or video.status == "deleted":
+        return None
+    segments = catalog.segments_for_video(session, video_id)
+    latest = session.scalars(
+        select(Job).where(Job.video_id == video_id).order_by(Job.id.desc()).limit(1)
+    ).first()
+    return VideoDetail(
+        **video_public(video, _first_thumbnails(session, [video_id]).get(video_id)).model_dump(),
+        segments=[
+            SegmentPublic(
+                id=s.id,
+                ordinal=s.ordinal,
+                start=s.start_s,
+                end=s.end_s,
+                thumbnail_url=thumbnail_url(s.id) if s.thumbnail else None,
+            )
+            for s in segments
+        ],
+        latest_job=job_public(latest) if latest is not None else None,
+    )
+
+
+def get_job(session: Session, *, job_id: int) -> JobPublic | None:
+    job = jobs.get_job(session, job_id)
+    return job_public(job) if job is not None else None
+
+
+def media_file(session: Session, data: DataDir, *, video_id: int) -> tuple[Path, str] | None:
+    """The stored video file and its media type; None when the video or its file is gone."""
+    video = catalog.get_video(session, video_id)
+    if video is None or video.status == "deleted" or not video.stored_path:
+        return None
+    path = data.resolve(video.stored_path)
+    if not path.is_file():
+        return None
+    suffix = Path(video.filename or path.name).suffix.lower()
+    kind = _MEDIA_TYPES.get(path.suffix.lower()) or _MEDIA_TYPES.get(suffix)
+    return path, kind or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+
+
+def thumbnail_file(session: Session, data: DataDir, *, segment_id: int) -> Path | None:
+    segment = session.get(Segment, segment_id)
+    if segment is None or not segment.thumbnail:
+        return None
+    path = data.resolve(segment.thumbnail)
+    # Thumbnails live under data/thumbs; a catalog row pointing elsewhere is not served.
+    if not path.resolve().is_relative_to(data.thumbs.resolve()) or not path.is_file():
+        return None
+    return path
+
+
+def hit_public(hit: Hit, rank: int) -> SearchHit:
+    seg = hit.segment
+    return SearchHit(
+        rank=rank,
+        video_id=seg.video_id,
+        title=seg.title,
+        segment_id=seg.id,
+        ordinal=seg.ordinal,
+        start=round(seg.start_s, 3),
+        end=round(seg.end_s, 3),
+        score=hit.score,
+        broad_score=hit.broad_score,
+        delta=hit.delta,
+        broad_rank=hit.broad_rank,
+        evidence_time=round(hit.evidence_time, 3) if hit.evidence_time is not None else None,
+        thumbnail_url=thumbnail_url(seg.id) if seg.has_thumbnail else None,
+        media_url=f"{media_url(seg.video_id)}#t={seg.start_s:.3f},{seg.end_s:.3f}",
+    )

@@ -1,0 +1,86 @@
+"""The app factory: `create_app(settings)`; `uvicorn app.main:app` serves the module-level app."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from app.metrics import Metrics, RequestMetricsMiddleware
+from app.routes import demo, jobs, search, system, videos
+from app.security import API_KEY_HEADER, SecurityHeadersMiddleware
+from app.services import open_services
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    # Loading the model and the index blocks for seconds: keep it off the event loop.
+    services = await run_in_threadpool(open_services, settings, app.state.metrics)
+    await services.searcher.start()
+    app.state.services = services
+    try:
+        yield
+    finally:
+        app.state.services = None
+        await services.searcher.stop()
+        await run_in_threadpool(services.close)
+
+
+def _readable(error: dict[str, Any]) -> str:
+    where = ".".join(str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path"))
+    message = str(error.get("msg", "is not valid")).removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422 shape (`detail` list) plus `message`: the same errors in one sentence for people."""
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    body = {"detail": jsonable_encoder(errors), "message": "; ".join(_readable(e) for e in errors)}
+    return JSONResponse(body, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; cheap: nothing heavy happens until the lifespan starts."""
+    settings = settings or Settings()
+    app = FastAPI(
+        title="TokenBinder video search",
+        version=VERSION,
+        summary="Type a sentence, get the matching moments of your videos",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.services = None
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    for module in (search, videos, jobs, system, demo):
+        app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=demo.STATIC_DIR), name="static")
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Content-Type", "Authorization", API_KEY_HEADER],
+        )
+    app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(RequestMetricsMiddleware, metrics=lambda: app.state.metrics)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,101 @@
+"""Prometheus metrics: request latency, search latency per stage, index size and jobs by state."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """One registry per app, so several apps in one process (tests) never clash."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Histogram(
+            "tvs_http_request_duration_seconds",
+            "HTTP request latency by route template",
+            ["method", "route", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.search_stage = Histogram(
+            "tvs_search_stage_seconds",
+            "Search latency per stage (encode, faiss, catalog, tokens, rerank, total), per batch",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.search_batch_size = Histogram(
+            "tvs_search_batch_size",
+            "Queries per micro-batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
+        )
+        self.searches = Counter("tvs_searches", "Search queries answered", registry=self.registry)
+        self.index_size = Gauge(
+            "tvs_index_size", "Segments in this process's vector index", registry=self.registry
+        )
+        self.jobs = Gauge("tvs_jobs", "Ingestion jobs by state", ["state"], registry=self.registry)
+        self.uploads = Counter(
+            "tvs_ingest_requests",
+            "POST /videos requests by source and outcome",
+            ["source", "outcome"],
+            registry=self.registry,
+        )
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self.search_stage.labels(stage=stage).observe(seconds)
+
+    def render(self, index_size: int, jobs_by_state: dict[str, int]) -> bytes:
+        self.index_size.set(index_size)
+        for state, n in jobs_by_state.items():
+            self.jobs.labels(state=state).set(n)
+        return generate_latest(self.registry)
+
+
+class RequestMetricsMiddleware:
+    """Times every HTTP request, labelled by its route template (so /videos/12 and /videos/13 share one)."""
+
+    def __init__(self, app: ASGIApp, metrics: Callable[[], Metrics | None]) -> None:
+        self.app = app
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        metrics = self._metrics()
+        if scope["type"] != "http" or metrics is None:
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            metrics.requests.labels(
+                method=scope["method"], route=_route_template(scope), status=str(status)
+            ).observe(time.perf_counter() - start)
+
+
+def _route_template(scope: Scope) -> str:
+    app = scope.get("app")
+    router = getattr(app, "router", None)
+    for route in getattr(router, "routes", []):
+        match, _ = route.matches(scope)
+        if match == Match.FULL:
+            return str(getattr(route, "path", scope["path"]))
+    return "<unmatched>"

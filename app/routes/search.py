@@ -1,0 +1,29 @@
+"""POST /search: the two-stage text-to-video search."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, HTTPException, status
+
+from app.batching import BatcherClosedError
+from app.deps import MetricsDep, SearcherDep
+from app.schemas import Problem, SearchRequest, SearchResponse
+from app.search_service import run_search
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["search"])
+
+
+@router.post(
+    "/search",
+    response_model=SearchResponse,
+    responses={503: {"model": Problem, "description": "starting or shutting down"}},
+    summary="Find the moments that match a sentence",
+)
+async def search(body: SearchRequest, searcher: SearcherDep, metrics: MetricsDep) -> SearchResponse:
+    try:
+        return await run_search(searcher, body, metrics)
+    except BatcherClosedError as e:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(e)) from e

@@ -1,0 +1,179 @@
+"""Videos: ingestion (upload, server path, URL), listing, details, deletion, media with Range, thumbnails."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ValidationError
+
+from app import library
+from app.deps import DataDep, FetcherDep, IngestorDep, MetricsDep, SessionDep, SettingsDep, WriteAccess
+from app.ingestion import (
+    BadSourceError,
+    PathRefusedError,
+    SourceNotFoundError,
+    UnsupportedBodyError,
+    ingest_request,
+)
+from app.schemas import IngestResponse, IngestSourceIn, Problem, VideoDetail, VideosPublic
+from app.uploads import BadUploadError, UploadTooLargeError
+from app.url_fetch import UrlFetchError, UrlRefusedError
+from indexer.ingest import IngestError
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["library"])
+
+MAX_ID = 2**63 - 1
+IdParam = Annotated[int, Path(ge=1, le=MAX_ID)]
+
+# Domain errors of ingestion -> HTTP status; the message is the exception's own, written for people.
+_INGEST_ERRORS: list[tuple[type[Exception], int]] = [
+    (UploadTooLargeError, status.HTTP_413_CONTENT_TOO_LARGE),
+    (UnsupportedBodyError, status.HTTP_415_UNSUPPORTED_MEDIA_TYPE),
+    (PathRefusedError, status.HTTP_403_FORBIDDEN),
+    (UrlRefusedError, status.HTTP_403_FORBIDDEN),
+    (SourceNotFoundError, status.HTTP_404_NOT_FOUND),
+    (UrlFetchError, status.HTTP_502_BAD_GATEWAY),
+    (BadUploadError, status.HTTP_422_UNPROCESSABLE_CONTENT),
+    (BadSourceError, status.HTTP_422_UNPROCESSABLE_CONTENT),
+    (IngestError, status.HTTP_422_UNPROCESSABLE_CONTENT),
+]
+
+_MULTIPART_SCHEMA = {
+    "type": "object",
+    "required": ["file"],
+    "properties": {
+        "file": {"type": "string", "format": "binary", "description": "the video file"},
+        "title": {"type": "string", "maxLength": 500},
+        "meta": {"type": "string", "description": "a JSON object of your own metadata"},
+    },
+}
+_INGEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+            "application/json": {"schema": IngestSourceIn.model_json_schema()},
+        },
+    }
+}
+
+
+class DeleteResponse(BaseModel):
+    video_id: int
+    segments_removed: int
+
+
+def _problem(code: int, description: str) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": Problem, "description": description}}
+
+
+@router.post(
+    "/videos",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=IngestResponse,
+    dependencies=[WriteAccess],
+    openapi_extra=_INGEST_BODY,
+    summary="Add a video: multipart upload, or JSON {path} (under an allowed root) or {url}",
+    responses={
+        200: {"model": IngestResponse, "description": "an identical file is already in the library"},
+        **_problem(401, "an API key is configured and was not presented"),
+        **_problem(403, "the path or URL is not allowed"),
+        **_problem(404, "the path does not exist"),
+        **_problem(413, "larger than TVS_MAX_UPLOAD_BYTES"),
+        **_problem(415, "neither multipart/form-data nor JSON"),
+        **_problem(502, "the URL could not be fetched"),
+    },
+)
+async def add_video(
+    request: Request,
+    response: Response,
+    ingestor: IngestorDep,
+    fetcher: FetcherDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+) -> IngestResponse:
+    kind = "multipart" if request.headers.get("content-type", "").startswith("multipart/") else "json"
+    try:
+        result = await ingest_request(request, ingestor, fetcher, max_upload_bytes=settings.max_upload_bytes)
+    except ValidationError as e:
+        metrics.uploads.labels(source=kind, outcome="invalid").inc()
+        raise RequestValidationError(e.errors(include_url=False), body=None) from e
+    except tuple(exc for exc, _ in _INGEST_ERRORS) as e:
+        code = next(code for exc, code in _INGEST_ERRORS if isinstance(e, exc))
+        metrics.uploads.labels(source=kind, outcome=str(code)).inc()
+        raise HTTPException(code, str(e)) from e
+    metrics.uploads.labels(source=kind, outcome="duplicate" if result.duplicate_of else "accepted").inc()
+    if result.duplicate_of is not None:
+        response.status_code = status.HTTP_200_OK
+    return IngestResponse(
+        video_id=result.video_id, job_id=result.job_id, status=result.status, duplicate_of=result.duplicate_of
+    )
+
+
+@router.get("/videos", response_model=VideosPublic)
+def list_videos(
+    session: SessionDep,
+    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
+    limit: Annotated[int, Query(ge=1, le=100)] = 24,
+    status: Literal["pending", "indexing", "ready", "failed"] | None = None,
+) -> VideosPublic:
+    return library.list_videos(session, offset=offset, limit=limit, status=status)
+
+
+@router.get("/videos/{video_id}", response_model=VideoDetail, responses=_problem(404, "no such video"))
+def get_video(video_id: IdParam, session: SessionDep) -> VideoDetail:
+    video = library.get_video_detail(session, video_id=video_id)
+    if video is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no video {video_id}")
+    return video
+
+
+@router.delete(
+    "/videos/{video_id}",
+    response_model=DeleteResponse,
+    dependencies=[WriteAccess],
+    responses={**_problem(401, "API key missing or wrong"), **_problem(404, "no such video")},
+)
+def delete_video(video_id: IdParam, ingestor: IngestorDep) -> DeleteResponse:
+    freed = ingestor.delete(video_id)
+    if freed is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no video {video_id}")
+    return DeleteResponse(video_id=video_id, segments_removed=len(freed))
+
+
+@router.get(
+    "/videos/{video_id}/media",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"video/*": {}}},
+        206: {"description": "partial content (Range)"},
+        **_problem(404, "no such video or file"),
+        416: {"description": "range not satisfiable"},
+    },
+)
+def video_media(video_id: IdParam, session: SessionDep, data: DataDep) -> FileResponse:
+    found = library.media_file(session, data, video_id=video_id)
+    if found is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no media for video {video_id}")
+    path, media_type = found
+    # Starlette's FileResponse answers Range requests (206) itself, so a <video> element can seek.
+    return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
+
+
+@router.get(
+    "/segments/{segment_id}/thumbnail",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/jpeg": {}}}, **_problem(404, "no such segment or thumbnail")},
+)
+def segment_thumbnail(segment_id: IdParam, session: SessionDep, data: DataDep) -> FileResponse:
+    path = library.thumbnail_file(session, data, segment_id=segment_id)
+    if path is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no thumbnail for segment {segment_id}")
+    # A segment id is never reused, so its thumbnail never changes.
+    return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})

@@ -1,0 +1,325 @@
+"""Two-stage search: text encode -> FAISS broad view -> token reads -> one focused-view forward."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.batching import MicroBatcher
+from indexer.catalog import get_segments
+from indexer.token_store import MissingRecordError
+from model.tokenbinder import TokenBinder
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("encode", "faiss", "catalog", "tokens", "rerank")
+_FILTER_OVERFETCH = 8  # first guess at how many broad hits a filter lets through: 1 in 8
+_GROUP_OVERFETCH = 4  # and how many segments each video brings along
+
+
+class SegmentIndex(Protocol):
+    """What the searcher needs from `indexer.live_index.LiveIndex`."""
+
+    @property
+    def size(self) -> int: ...
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def tokens(self, ids: Sequence[int] | np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class SearchFilter:
+    video_ids: frozenset[int] | None = None
+    min_duration_s: float | None = None
+    max_duration_s: float | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in vars(self).values())
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    text: str
+    limit: int = 10
+    rerank: bool = True
+    group_by: Literal["segment", "video"] = "segment"
+    filter: SearchFilter = field(default_factory=SearchFilter)
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    id: int
+    video_id: int
+    title: str | None
+    ordinal: int
+    start_s: float
+    end_s: float
+    has_thumbnail: bool
+    duration_s: float | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Hit:
+    segment: SegmentInfo
+    score: float  # S = S' + delta inside the re-ranked top-k, else S'
+    broad_score: float  # S' (cosine of I_1 and the segment's CLS)
+    delta: float | None  # the focused view's correction; None when it did not look at this segment
+    broad_rank: int  # 1-based rank by S' among the segments that passed the filter
+    evidence_time: float | None  # seconds into the video: the frame the focused view weighted most
+
+
+@dataclass
+class SearchOutcome:
+    hits: list[Hit]
+    timings_ms: dict[str, float]
+    batch_size: int
+    reranked: bool
+
+
+@dataclass
+class _Pending:
+    query: SearchQuery
+    cands: list[tuple[SegmentInfo, float]] = field(default_factory=list)  # broad order, filtered
+    deltas: np.ndarray | None = None
+    evidence: np.ndarray | None = None  # frame index per re-ranked slot
+
+
+def _passes(info: SegmentInfo, f: SearchFilter) -> bool:
+    if f.video_ids is not None and info.video_id not in f.video_ids:
+        return False
+    duration = info.duration_s
+    if f.min_duration_s is not None and (duration is None or duration < f.min_duration_s):
+        return False
+    if f.max_duration_s is not None and (duration is None or duration > f.max_duration_s):
+        return False
+    if f.created_after is not None and info.created_at <= f.created_after:
+        return False
+    return not (f.created_before is not None and info.created_at >= f.created_before)
+
+
+def load_segment_infos(session_factory: sessionmaker[Session], ids: Sequence[int]) -> dict[int, SegmentInfo]:
+    """Catalog rows for segment ids; ids whose segment was deleted are simply absent."""
+    with session_factory() as session:
+        rows = get_segments(session, list(ids))
+        return {
+            s.id: SegmentInfo(
+                id=s.id,
+                video_id=s.video_id,
+                title=s.video.title or s.video.filename,
+                ordinal=s.ordinal,
+                start_s=float(s.start_s),
+                end_s=float(s.end_s),
+                has_thumbnail=bool(s.thumbnail),
+                duration_s=s.video.duration_s,
+                created_at=s.video.created_at,
+            )
+            for s in rows
+            if s.video.status != "deleted"
+        }
+
+
+class Searcher:
+    """Runs batches of queries through both stages; `search()` is the async entry used by the routes.
+
+    Filters and grouping over-fetch from FAISS: a filtered query first asks for 8x the hits it needs
+    (a grouped one 4x), drops the ones the catalog rows reject (deleted, other videos, duration or
+    creation date outside the range), and if too few survive asks again for 4x more, up to the whole
+    index. So a filter that keeps a small fraction of a large library costs extra FAISS calls for that
+    query only; FAISS never sees the filter, which keeps every index type (Flat, IVF, HNSW) usable.
+    """
+
+    def __init__(
+        self,
+        model: TokenBinder,
+        index: SegmentIndex,
+        session_factory: sessionmaker[Session],
+        *,
+        top_k: int | None = None,
+        batch_max_size: int = 32,
+        batch_max_wait_s: float = 0.003,
+        observe: Callable[[str, float], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.index = index
+        self._factory = session_factory
+        self.top_k = min(top_k or model.config.top_k, model.config.top_k)
+        self.num_frames = model.config.num_frames
+        self._observe = observe
+        self.batcher: MicroBatcher[SearchQuery, SearchOutcome] = MicroBatcher(
+            self.search_batch, batch_max_size, batch_max_wait_s, name="search-batch"
+        )
+
+    async def start(self) -> None:
+        await self.batcher.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+
+    async def search(self, query: SearchQuery) -> SearchOutcome:
+        return await self.batcher.submit(query)
+
+    # ---- the blocking batch -------------------------------------------------------------------------
+    def search_batch(self, queries: list[SearchQuery]) -> list[SearchOutcome]:
+        timings = dict.fromkeys(STAGES, 0.0)
+        t0 = time.perf_counter()
+        pending = [_Pending(q) for q in queries]
+        size = self.index.size
+        if size:
+            with torch.inference_mode():
+                text = self.model.encode_queries([q.text for q in queries])
+            timings["encode"] = _ms(t0)
+            self._broad(pending, text.i1.float().cpu().numpy(), size, timings)
+            self._rerank(pending, text.indicators, timings)
+        timings["total"] = _ms(t0)
+        if self._observe is not None:
+            for stage in (*STAGES, "total"):
+                self._observe(stage, timings[stage] / 1000)
+        return [
+            SearchOutcome(self._finish(p), dict(timings), len(queries), p.deltas is not None) for p in pending
+        ]
+
+    def _need(self, q: SearchQuery) -> int:
+        return max(q.limit, self.top_k if q.rerank else 0)
+
+    def _enough(self, p: _Pending) -> bool:
+        need = self._need(p.query)
+        if p.query.group_by == "video":
+            videos = {info.video_id for info, _ in p.cands}
+            return len(videos) >= p.query.limit and len(p.cands) >= (self.top_k if p.query.rerank else 0)
+        return len(p.cands) >= need
+
+    def _broad(self, pending: list[_Pending], i1: np.ndarray, size: int, timings: dict[str, float]) -> None:
+        fetch = []
+        for p in pending:
+            n = self._need(p.query)
+            if p.query.filter.active:
+                n *= _FILTER_OVERFETCH
+            if p.query.group_by == "video":
+                n *= _GROUP_OVERFETCH
+            fetch.append(min(size, n))
+        t = time.perf_counter()
+        scores, ids = self.index.search(i1, max(fetch))
+        timings["faiss"] += _ms(t)
+        rows = list(range(len(pending)))
+        while rows:
+            t = time.perf_counter()
+            wanted = {int(i) for r in rows for i in ids[r][: fetch[r]] if i >= 0}
+            infos = load_segment_infos(self._factory, sorted(wanted))
+            timings["catalog"] += _ms(t)
+            retry = []
+            for r in rows:
+                p, f = pending[r], pending[r].query.filter
+                p.cands = [
+                    (infos[int(i)], float(s))
+                    for s, i in zip(scores[r][: fetch[r]], ids[r][: fetch[r]], strict=True)
+                    if int(i) in infos and (not f.active or _passes(infos[int(i)], f))
+                ]
+                if not self._enough(p) and fetch[r] < size:
+                    retry.append(r)
+            if not retry:
+                return
+            # Escalate only the queries that came up short, each on its own (rare: selective filters).
+            t = time.perf_counter()
+            for r in retry:
+                fetch[r] = min(size, fetch[r] * 4)
+                s, i = self.index.search(i1[r : r + 1], fetch[r])
+                if s.shape[1] > scores.shape[1]:
+                    pad = s.shape[1] - scores.shape[1]
+                    scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+                    ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+                scores[r, : s.shape[1]], ids[r, : s.shape[1]] = s[0], i[0]
+            timings["faiss"] += _ms(t)
+            rows = retry
+
+    def _read_tokens(self, ids: list[int]) -> tuple[np.ndarray, set[int]]:
+        try:
+            return self.index.tokens(ids), set()
+        except MissingRecordError as e:
+            # A segment deleted (and freed) between the FAISS search and now: leave its slot empty.
+            missing = set(e.ids)
+            present = [i for i in ids if i not in missing]
+            tokens = np.zeros((len(ids), self.num_frames, self.model.config.embed_dim), np.float16)
+            if present:
+                got = self.index.tokens(present)
+                tokens[[n for n, i in enumerate(ids) if i not in missing]] = got
+            return tokens, missing
+
+    def _rerank(self, pending: list[_Pending], indicators: torch.Tensor, timings: dict[str, float]) -> None:
+        rows = [n for n, p in enumerate(pending) if p.query.rerank and p.cands]
+        if not rows:
+            return
+        k, T = self.top_k, self.num_frames
+        t = time.perf_counter()
+        flat_ids = [info.id for n in rows for info, _ in pending[n].cands[:k]]
+        tokens, missing = self._read_tokens(flat_ids)
+        D = tokens.shape[-1]
+        batch = np.zeros((len(rows), k, T, D), np.float16)  # [B', k, T, D] in broad order
+        mask = np.zeros((len(rows), k), bool)
+        pos = 0
+        for b, n in enumerate(rows):
+            m = len(pending[n].cands[:k])
+            batch[b, :m] = tokens[pos : pos + m]
+            mask[b, :m] = [info.id not in missing for info, _ in pending[n].cands[:k]]
+            pos += m
+        timings["tokens"] += _ms(t)
+        t = time.perf_counter()
+        model = self.model
+        with torch.inference_mode():
+            out = model.rescore_videos(
+                indicators[rows].to(model.device, model.dtype),
+                torch.from_numpy(batch).to(model.device, model.dtype),
+                torch.from_numpy(mask).to(model.device),
+            )
+        delta = out.delta.float().cpu().numpy()  # [B', k]
+        # The frame each candidate's attention weighted most, summed over the indicator queries.
+        evidence = out.attention.float().sum(dim=1).argmax(dim=-1).cpu().numpy()  # [B', k]
+        timings["rerank"] += _ms(t)
+        for b, n in enumerate(rows):
+            m = len(pending[n].cands[:k])
+            pending[n].deltas = np.where(mask[b, :m], delta[b, :m], 0.0)
+            pending[n].evidence = np.where(mask[b, :m], evidence[b, :m], -1)
+
+    def _finish(self, p: _Pending) -> list[Hit]:
+        hits = []
+        for rank, (info, s) in enumerate(p.cands, start=1):
+            delta = ev = None
+            if p.deltas is not None and rank <= len(p.deltas) and p.evidence is not None:
+                delta = float(p.deltas[rank - 1])
+                frame = int(p.evidence[rank - 1])
+                ev = _frame_time(info.start_s, info.end_s, frame, self.num_frames) if frame >= 0 else None
+            hits.append(Hit(info, s + (delta or 0.0), s, delta, rank, ev))
+        if p.deltas is not None:
+            # Re-ranked top-k sorted by S; ranks beyond k keep broad-view order (stable sort).
+            m = len(p.deltas)
+            hits[:m] = sorted(hits[:m], key=lambda h: -h.score)
+        if p.query.group_by == "video":
+            seen: set[int] = set()
+            grouped = []
+            for hit in hits:
+                if hit.segment.video_id not in seen:
+                    seen.add(hit.segment.video_id)
+                    grouped.append(hit)
+            hits = grouped
+        return hits[: p.query.limit]
+
+
+def _frame_time(start: float, end: float, frame: int, num_frames: int) -> float:
+    # Frames are sampled at bin centres of the segment (model.video_io.sample_times).
+    return start + (frame + 0.5) * (end - start) / num_frames
+
+
+def _ms(t: float) -> float:
+    return (time.perf_counter() - t) * 1000.0

@@ -1,0 +1,91 @@
+"""API-key checks for write endpoints and security headers for the demo page."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+from fastapi import HTTPException, Request, status
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger(__name__)
+
+API_KEY_HEADER = "X-API-Key"
+
+# The demo page loads only its own script, style and media; no inline script, no third parties.
+CONTENT_SECURITY_POLICY = "; ".join(
+    [
+        "default-src 'self'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' data: blob:",
+        "media-src 'self' blob:",
+        "connect-src 'self'",
+        "object-src 'none'",
+        "base-uri 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    ]
+)
+_ALWAYS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
+_PAGE = [
+    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+    (b"x-frame-options", b"DENY"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+]
+
+
+def presented_key(request: Request) -> str | None:
+    key = request.headers.get(API_KEY_HEADER)
+    if key:
+        return key
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def check_api_key(expected: str | None, presented: str | None) -> None:
+    """Raise 401 unless no key is configured or the presented one matches (constant-time)."""
+    if expected is None:
+        return
+    if presented is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            f"this endpoint needs the API key: send it in the {API_KEY_HEADER} header",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if not hmac.compare_digest(presented.encode(), expected.encode()):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, "the API key is not valid", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+class SecurityHeadersMiddleware:
+    """Adds nosniff/referrer headers to every response and the CSP to the demo page and its files."""
+
+    def __init__(self, app: ASGIApp, page_paths: tuple[str, ...] = ("/", "/static/")) -> None:
+        self.app = app
+        self.page_paths = page_paths
+
+    def _is_page(self, path: str) -> bool:
+        return any(
+            path == p if not p.endswith("/") or p == "/" else path.startswith(p) for p in self.page_paths
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        extra = _ALWAYS + (_PAGE if self._is_page(scope["path"]) else [])
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                names = {name.lower() for name, _ in message.get("headers", [])}
+                message["headers"] = list(message.get("headers", [])) + [
+                    (n, v) for n, v in extra if n not in names
+                ]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)

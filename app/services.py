@@ -1,0 +1,125 @@
+"""The running service's heavy parts (model, index, worker, searcher), opened in the lifespan and closed after."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.ingestion import Ingestor
+from app.metrics import Metrics
+from app.searcher import Searcher
+from app.settings import Settings
+from app.url_fetch import UrlFetcher
+from indexer.db import check_schema_current, make_engine, make_session_factory
+from indexer.live_index import LiveIndex
+from indexer.paths import DataDir
+from indexer.worker import Worker, register_model
+from model.checkpoint import load_model
+from model.inference import prepare_for_inference
+from model.tokenbinder import TokenBinder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: Engine
+    session_factory: sessionmaker[Session]
+    data: DataDir
+    model: TokenBinder
+    index: LiveIndex
+    searcher: Searcher
+    ingestor: Ingestor
+    fetcher: UrlFetcher
+    worker: Worker | None
+    opened_seq: int = 0  # the change-feed position at start-up: a snapshot is saved only if it moved
+
+    @property
+    def device(self) -> str:
+        return str(self.model.device)
+
+    @property
+    def precision(self) -> str:
+        return str(self.model.dtype).removeprefix("torch.")
+
+    def close(self) -> None:
+        """Stop the worker, save the index if it moved on, and release the database (blocking)."""
+        if self.worker is not None:
+            self.worker.close()
+        try:
+            if self.index.last_seq > self.opened_seq:
+                self.index.snapshot()  # a cache for the next start-up; never required
+        except OSError as e:
+            logger.warning("could not save the index snapshot on shutdown: %s", e)
+        self.index.close()
+        self.engine.dispose()
+
+
+def open_services(settings: Settings, metrics: Metrics) -> Services:
+    """Load everything the routes need; blocking, so the lifespan runs it in a thread.
+
+    Fails with indexer.db.DatabaseNotMigratedError when the schema is not current: the service
+    never migrates; `indexer migrate` does.
+    """
+    data = DataDir(settings.data_dir).ensure()
+    engine = make_engine(settings.database_url or data.database_url)
+    opened: list[object] = []
+    try:
+        check_schema_current(engine)
+        factory = make_session_factory(engine)
+        model = prepare_for_inference(load_model(settings.model), settings.device, settings.precision)
+        register_model(factory, model, require_active=True)
+        cfg = model.config
+        index = LiveIndex(
+            data,
+            factory,
+            model.model_id,
+            cfg.embed_dim,
+            cfg.num_frames,
+            factory=settings.index_factory,
+            follow_interval_s=settings.follow_interval_s,
+        ).open()
+        opened.append(index)
+        worker = None
+        if settings.worker:
+            worker = Worker(factory, data, model)
+            opened.append(worker)
+            worker.start_thread()
+        searcher = Searcher(
+            model,
+            index,
+            factory,
+            top_k=settings.top_k,
+            batch_max_size=settings.batch_max_size,
+            batch_max_wait_s=settings.batch_max_wait_ms / 1000,
+            observe=metrics.observe_stage,
+        )
+        fetcher = UrlFetcher(
+            allow_private=settings.allow_private_urls,
+            timeout_s=settings.url_timeout_s,
+            max_duration_s=settings.url_max_duration_s,
+            max_redirects=settings.url_max_redirects,
+        )
+        ingestor = Ingestor(factory, data, model.model_id, tuple(settings.resolved_roots))
+    except BaseException:
+        for part in reversed(opened):
+            part.close()  # type: ignore[attr-defined]
+        engine.dispose()
+        raise
+    services = Services(
+        settings, engine, factory, data, model, index, searcher, ingestor, fetcher, worker, index.last_seq
+    )
+    logger.info(
+        "ready: model %s on %s (%s), %d segments indexed (%s), worker %s",
+        model.model_id,
+        services.device,
+        services.precision,
+        index.size,
+        index.factory,
+        "on" if worker else "off",
+    )
+    return services

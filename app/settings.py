@@ -1,0 +1,88 @@
+"""Service settings: one pydantic-settings class read from `TVS_*` environment variables."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+logger = logging.getLogger(__name__)
+
+DEMO_MODEL_DIR = Path("assets/demo-model")
+MIN_PRODUCTION_KEY_LENGTH = 16
+
+
+def default_model() -> str:
+    """The trained demo checkpoint when it is present, else the small random-weight preset."""
+    return str(DEMO_MODEL_DIR) if DEMO_MODEL_DIR.is_dir() else "small"
+
+
+def _split_list(value: Any) -> Any:
+    # Accept a JSON list or a comma-separated string, since both are natural in an env file.
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything the API process reads from its environment (prefix `TVS_`)."""
+
+    model_config = SettingsConfigDict(env_prefix="TVS_", extra="ignore", protected_namespaces=())
+
+    env: Literal["development", "production"] = "development"
+    data_dir: Path = Path("./data")
+    database_url: str | None = None  # default: sqlite:///<data_dir>/catalog.db
+    model: str = Field(default_factory=default_model)
+    device: str | None = None  # None: CUDA when present, else CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    api_key: SecretStr | None = None
+    max_upload_bytes: int = Field(default=2 * 1024**3, gt=0)
+    allowed_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    allow_private_urls: bool = False
+    url_timeout_s: float = Field(default=30.0, gt=0)
+    url_max_duration_s: float = Field(default=900.0, gt=0)
+    url_max_redirects: int = Field(default=5, ge=0)
+    index_factory: str = "Flat"
+    top_k: int | None = Field(default=None, ge=1)  # None: the model's own k
+    batch_max_size: int = Field(default=32, ge=1)  # 1 turns micro-batching off
+    batch_max_wait_ms: float = Field(default=3.0, ge=0)
+    worker: bool = True
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    follow_interval_s: float = Field(default=0.25, gt=0)
+
+    @field_validator("allowed_roots", "cors_origins", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _blank_key_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> Settings:
+        if self.env == "production":
+            key = self.api_key.get_secret_value() if self.api_key else ""
+            if len(key) < MIN_PRODUCTION_KEY_LENGTH:
+                raise ValueError(
+                    "TVS_ENV=production needs TVS_API_KEY set to a secret of at least "
+                    f"{MIN_PRODUCTION_KEY_LENGTH} characters (e.g. `python -c 'import secrets; "
+                    "print(secrets.token_urlsafe(32))'`); refusing to start with open write endpoints"
+                )
+            if "*" in self.cors_origins:
+                raise ValueError("TVS_CORS_ORIGINS='*' is not allowed in production; list the origins")
+        return self
+
+    @property
+    def resolved_roots(self) -> list[Path]:
+        return [root.expanduser().resolve() for root in self.allowed_roots]
