@@ -115,7 +115,13 @@ class VectorIndex:
     """
 
     def __init__(
-        self, dim: int, factory: str = "Flat", *, nprobe: int | None = None, ef_search: int | None = None
+        self,
+        dim: int,
+        factory: str = "Flat",
+        *,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        threads: int | None = None,
     ):
         if "IDMap" in factory:
             raise ValueError(f"factory {factory!r}: leave out IDMap, ids are always mapped with IndexIDMap2")
@@ -124,7 +130,7 @@ class VectorIndex:
         except RuntimeError as e:
             raise ValueError(f"faiss cannot build factory {factory!r} for dim {dim}: {e}") from e
         self._setup(faiss.IndexIDMap2(base), dim, factory, np.zeros(0, np.int64))
-        self.set_search_params(nprobe=nprobe, ef_search=ef_search)
+        self.set_search_params(nprobe=nprobe, ef_search=ef_search, threads=threads)
 
     def _setup(self, index: faiss.IndexIDMap2, dim: int, factory: str, tombstones: np.ndarray) -> None:
         self._index, self.dim, self.factory = index, dim, factory
@@ -133,6 +139,7 @@ class VectorIndex:
         self._removable = _can_remove(base)
         self._flat = base if type(base) is faiss.IndexFlat else None  # enables the torch batched path
         self._gpu_res: Any = None
+        self._threads = 1
         all_ids = faiss.vector_to_array(index.id_map).astype(np.int64)
         self._tombstones = np.unique(tombstones)
         self._live = np.setdiff1d(all_ids, self._tombstones)
@@ -141,9 +148,17 @@ class VectorIndex:
         self._refresh_params()
 
     # --- configuration -------------------------------------------------------------------------------
-    def set_search_params(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
-        """Search-time knobs: IVF ``nprobe`` (lists scanned) and HNSW ``efSearch`` (candidate pool)."""
+    def set_search_params(
+        self, *, nprobe: int | None = None, ef_search: int | None = None, threads: int | None = None
+    ) -> None:
+        """Search-time knobs: IVF ``nprobe`` (lists scanned), HNSW ``efSearch`` (candidate pool) and the
+        OpenMP threads one search call uses (default 1: on a shared 2-core host a second thread made
+        searches slower, see bench/ann_recall.py; concurrent requests still run in parallel)."""
         with self._lock.write():
+            if threads is not None:
+                if threads < 1:
+                    raise ValueError(f"threads must be >= 1, got {threads}")
+                self._threads = threads
             base = self._index.index
             if nprobe is not None:
                 ivf = faiss.try_extract_index_ivf(base)
@@ -261,7 +276,8 @@ class VectorIndex:
                     "index that cannot delete, e.g. HNSW, stay reserved until the index is rebuilt)"
                 )
             self._index.add_with_ids(x, arr)
-            self._live = np.union1d(self._live, new)
+            # O(N) merge instead of a re-sort: the write lock blocks searches meanwhile.
+            self._live = np.insert(self._live, np.searchsorted(self._live, new), new)
 
     def remove(self, ids: Iterable[int] | np.ndarray) -> int:
         """Remove ids (absent ids are ignored); returns how many were removed."""
@@ -274,7 +290,7 @@ class VectorIndex:
                 self._index.remove_ids(faiss.IDSelectorBatch(gone))
             else:
                 self._tombstones = np.union1d(self._tombstones, gone)
-            self._live = np.setdiff1d(self._live, gone, assume_unique=True)
+            self._live = np.delete(self._live, np.searchsorted(self._live, gone))
             self._refresh_params()
             return len(gone)
 
@@ -290,9 +306,7 @@ class VectorIndex:
             if self._flat is not None and len(q) > 1:
                 scores, ids = self._search_torch(q, k)
             else:
-                # One query gains nothing from OpenMP threads and loses to their wake-up (PERF-NOTES);
-                # the setting is per calling thread in libgomp.
-                faiss.omp_set_num_threads(1 if len(q) == 1 else _cpu_count())
+                faiss.omp_set_num_threads(self._threads)  # per calling thread in libgomp
                 fetch = k + len(self._tombstones) if self._gpu_res is not None else k
                 scores, ids = self._index.search(q, fetch, params=self._params)
                 if fetch > k:  # on a GPU, tombstones are filtered after the search
@@ -364,9 +378,15 @@ class VectorIndex:
 
     @classmethod
     def load(
-        cls, path: Path | str, *, nprobe: int | None = None, ef_search: int | None = None
+        cls,
+        path: Path | str,
+        *,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        threads: int | None = None,
     ) -> tuple[VectorIndex, dict[str, Any]]:
-        """Load a snapshot written by save(); raises CorruptSnapshotError if it does not verify."""
+        """Load a snapshot written by save(); raises CorruptSnapshotError if it does not verify.
+        nprobe/ef_search default to the values saved in the manifest."""
         path = Path(path)
         manifest, data = _read_verified(path)
         try:
@@ -387,7 +407,9 @@ class VectorIndex:
         obj = cls.__new__(cls)
         obj._setup(index, int(manifest["dim"]), str(manifest["factory"]), tombstones)
         obj.set_search_params(
-            nprobe=nprobe or manifest.get("nprobe"), ef_search=ef_search or manifest.get("ef_search")
+            nprobe=nprobe or manifest.get("nprobe"),
+            ef_search=ef_search or manifest.get("ef_search"),
+            threads=threads,
         )
         return obj, manifest
 
@@ -400,9 +422,10 @@ def build_index(
     *,
     nprobe: int | None = None,
     ef_search: int | None = None,
+    threads: int | None = None,
 ) -> VectorIndex:
     """A new index holding ``vecs`` under ``ids``, trained on the same vectors when the factory needs it."""
-    index = VectorIndex(dim, factory, nprobe=nprobe, ef_search=ef_search)
+    index = VectorIndex(dim, factory, nprobe=nprobe, ef_search=ef_search, threads=threads)
     if index.needs_training:
         index.train(vecs)
     index.add(ids, vecs)
@@ -426,10 +449,6 @@ def _drop(
         s, i = scores[row][keep[row]][:k], ids[row][keep[row]][:k]
         out_s[row, : len(s)], out_i[row, : len(i)] = s, i
     return out_s, out_i
-
-
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _manifest_path(path: Path) -> Path:
@@ -511,6 +530,8 @@ def _read_verified(path: Path) -> tuple[dict[str, Any], np.ndarray]:
         except (OSError, ValueError):
             continue
         if isinstance(manifest, dict) and manifest.get("sha256") == digest:
+            if not {"count", "dim", "factory"} <= manifest.keys():
+                raise CorruptSnapshotError(f"{candidate} lacks count/dim/factory; rebuild the index")
             if manifest.get("format") != SNAPSHOT_FORMAT:
                 raise CorruptSnapshotError(
                     f"{candidate} has format {manifest.get('format')}, expected {SNAPSHOT_FORMAT}"
