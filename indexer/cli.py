@@ -1,0 +1,433 @@
+"""The `indexer` command line: thin subcommands over the indexer's library functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from indexer import catalog
+from indexer.db import (
+    DatabaseNotMigratedError,
+    check_schema_current,
+    make_engine,
+    make_session_factory,
+    session_scope,
+    upgrade_database,
+)
+from indexer.paths import DataDir
+
+if TYPE_CHECKING:  # the pipeline pulls in torch and the decoders: loaded only by commands that index
+    from indexer.pipeline import PipelineConfig, TaskResult
+
+logger = logging.getLogger(__name__)
+
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
+
+
+class UsageError(Exception):
+    """A problem with the command's input or setup; printed without a traceback (exit 2)."""
+
+
+def default_model_spec() -> str:
+    """TVS_MODEL, else the bundled demo checkpoint when present, else the `small` preset."""
+    if os.environ.get("TVS_MODEL"):
+        return os.environ["TVS_MODEL"]
+    for candidate in (Path("assets/demo-model"), DEMO_MODEL):
+        if (candidate / "config.json").is_file():
+            return str(candidate)
+    return "small"
+
+
+@dataclass
+class Env:
+    args: argparse.Namespace
+    data: DataDir
+    url: str
+
+    def sessions(self) -> sessionmaker[Session]:
+        engine = make_engine(self.url)
+        check_schema_current(engine)
+        return make_session_factory(engine)
+
+    def model(self, spec: str | None = None) -> Any:
+        from model.checkpoint import load_model
+        from model.inference import prepare_for_inference
+
+        return prepare_for_inference(load_model(spec or self.args.model or default_model_spec()))
+
+    def model_id(self, factory: sessionmaker[Session]) -> str:
+        """The model named by --model / TVS_MODEL, else the catalog's active one (no weights loaded)."""
+        if self.args.model or os.environ.get("TVS_MODEL"):
+            return str(self.model().model_id)
+        with session_scope(factory) as session:
+            active = catalog.get_active_model(session)
+        if active is None:
+            raise UsageError("no model is active yet: index some videos first (`indexer add PATH`)")
+        return active.id
+
+    def pipeline_config(self) -> PipelineConfig:
+        from indexer.pipeline import PipelineConfig
+
+        a = self.args
+        return PipelineConfig(a.max_segment_s, a.window_s, a.batch_size, a.decode_threads)
+
+    def emit(self, payload: dict[str, Any], text: str) -> None:
+        print(json.dumps(payload, default=str) if self.args.json else text)
+
+
+class Progress:
+    """A tqdm bar over videos with segments/s and ETA; silent when --json or not a terminal."""
+
+    def __init__(self, env: Env, what: str) -> None:
+        self._disable = True if env.args.json else None
+        self._what = what
+        self._bar: Any = None
+        self._segments = 0
+        self._lock = threading.Lock()
+
+    def start(self, total: int) -> None:
+        from tqdm import tqdm
+
+        with self._lock:
+            if self._bar is None:
+                self._bar = tqdm(total=total, unit="video", desc=self._what, disable=self._disable)
+            else:
+                self._bar.total = total
+                self._bar.refresh()
+
+    def result(self, result: TaskResult) -> None:
+        with self._lock:
+            if self._bar is None or not (result.ok or not result.retryable):
+                return
+            self._segments += len(result.segment_ids)
+            elapsed = self._bar.format_dict.get("elapsed") or 1e-9
+            self._bar.set_postfix(segments=self._segments, seg_per_s=f"{self._segments / elapsed:.1f}")
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _failures(failed: dict[str, str]) -> str:
+    if not failed:
+        return ""
+    return f"\n{len(failed)} failed:\n" + "\n".join(f"  {path}: {reason}" for path, reason in failed.items())
+
+
+# --- commands ---------------------------------------------------------------------------------------------
+def cmd_migrate(env: Env) -> int:
+    upgrade_database(env.url)
+    env.emit({"migrated": env.url}, "catalog schema is at the newest revision")
+    return 0
+
+
+def cmd_add(env: Env) -> int:
+    from indexer.worker import add_paths
+
+    factory, model, bar = env.sessions(), env.model(), Progress(env, "indexing")
+    a = env.args
+    try:
+        report = add_paths(
+            factory,
+            env.data,
+            model,
+            a.paths,
+            mode=a.mode.replace("-", "_"),
+            recursive=not a.no_recursive,
+            max_attempts=a.max_attempts,
+            config=env.pipeline_config(),
+            on_start=bar.start,
+            on_result=bar.result,
+        )
+    finally:
+        bar.close()
+    text = (
+        f"{report.files} file(s): {report.indexed} indexed, {report.already} already indexed, "
+        f"{len(report.failed)} failed; {report.segments} segments in {report.seconds:.1f} s"
+    )
+    env.emit(report.to_dict(), text + _failures(report.failed))
+    return 1 if report.failed else 0
+
+
+def cmd_worker(env: Env) -> int:
+    from indexer.worker import Worker
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())  # finish the videos in hand, then exit
+    a = env.args
+    worker = Worker(
+        env.sessions(),
+        env.data,
+        env.model(),
+        lease_s=a.lease_s,
+        poll_s=a.poll_s,
+        config=env.pipeline_config(),
+    )
+    logger.info("worker %s waiting for jobs", worker.worker_id)
+    try:
+        worker.run(stop)
+    finally:
+        worker.close()
+    return 0
+
+
+def cmd_reindex(env: Env) -> int:
+    from indexer.verify import reindex
+
+    factory, model, bar = env.sessions(), env.model(), Progress(env, "reindexing")
+    try:
+        report = reindex(
+            factory,
+            env.data,
+            model,
+            all_videos=env.args.all,
+            config=env.pipeline_config(),
+            on_start=bar.start,
+            on_result=bar.result,
+        )
+    finally:
+        bar.close()
+    switched = f"; the active model is now {model.model_id}" if report.switched else ""
+    text = f"{report.indexed} of {report.files} video(s) indexed with {model.model_id}{switched}"
+    env.emit(report.to_dict(), text + _failures(report.failed))
+    return 1 if report.failed else 0
+
+
+def cmd_rebuild_index(env: Env) -> int:
+    from indexer.live_index import save_snapshot
+
+    factory = env.sessions()
+    manifest = save_snapshot(env.data, factory, env.model_id(factory), rebuild=True, factory=env.args.factory)
+    env.emit(
+        manifest, f"rebuilt {manifest['model_id']}: {manifest['count']} segments ({manifest['factory']})"
+    )
+    return 0
+
+
+def cmd_verify(env: Env) -> int:
+    from indexer.verify import verify
+
+    factory = env.sessions()
+    model_id = env.model_id(factory)
+    report = verify(env.data, factory, model_id, repair=env.args.repair)
+    if env.args.repair and report.requeued_jobs:
+        _run_jobs(env, factory, report.requeued_jobs)
+        report = verify(env.data, factory, model_id, repair=True)
+    env.emit(report.to_dict(), _verify_text(report))
+    return 0 if report.ok else 1
+
+
+def _run_jobs(env: Env, factory: sessionmaker[Session], job_ids: list[int]) -> None:
+    from indexer import jobs
+    from indexer.worker import Worker
+
+    def settled() -> bool:
+        with session_scope(factory) as session:
+            return all(
+                (j := jobs.get_job(session, i)) is None or j.state in ("ready", "failed") for i in job_ids
+            )
+
+    worker = Worker(factory, env.data, env.model(), config=env.pipeline_config())
+    try:
+        worker.run(until=settled)
+    finally:
+        worker.close()
+
+
+def _verify_text(report: Any) -> str:
+    lines = [f"model {report.model_id}: {report.segments} segments, {report.indexed} in the snapshot"]
+    lines += [f"repaired: {action}" for action in report.repaired]
+    checks = {
+        "snapshot": None if report.snapshot == "ok" else report.snapshot,
+        "segments without a token record": report.missing_tokens,
+        "orphan token records": report.orphan_tokens,
+        "segments missing from the snapshot": report.index_missing,
+        "snapshot ids with no segment (deleted)": report.index_extra,
+        "ready videos without segments": report.videos_without_segments,
+        "videos whose file is gone (warning)": report.missing_files,
+    }
+    lines += [
+        f"{name}: {value if isinstance(value, str) else value[:20]}"
+        for name, value in checks.items()
+        if value
+    ]
+    lines.append(
+        "OK: catalog, token store and index agree" if report.ok else "NOT OK (try `indexer verify --repair`)"
+    )
+    return "\n".join(lines)
+
+
+def cmd_stats(env: Env) -> int:
+    factory = env.sessions()
+    with session_scope(factory) as session:
+        stats = catalog.catalog_stats(session)
+        active = catalog.get_active_model(session)
+    payload = {
+        "data_dir": str(env.data.root),
+        "active_model": active.id if active else None,
+        "videos": stats.videos_by_status,
+        "segments": stats.segments,
+        "jobs": stats.jobs_by_state,
+    }
+    env.emit(payload, "\n".join(f"{key}: {value}" for key, value in payload.items()))
+    return 0
+
+
+def cmd_rm(env: Env) -> int:
+    from indexer.ingest import delete_video
+
+    factory, missing = env.sessions(), []
+    for video_id in env.args.video_ids:
+        if delete_video(factory, env.data, video_id) is None:
+            missing.append(video_id)
+    env.emit(
+        {"deleted": [v for v in env.args.video_ids if v not in missing], "not_found": missing},
+        f"deleted {len(env.args.video_ids) - len(missing)} video(s)"
+        + (f"; not found: {missing}" if missing else ""),
+    )
+    return 1 if missing else 0
+
+
+def cmd_synth(env: Env) -> int:
+    from indexer.synth import generate_library
+
+    a = env.args
+    summary = generate_library(
+        a.out, a.families, a.seed, a.holdout, size=a.size, fps=a.fps, seconds=a.seconds, workers=a.workers
+    )
+    payload = vars(summary) if hasattr(summary, "__dict__") else {"summary": str(summary)}
+    env.emit(payload, f"wrote the sample library to {a.out}")
+    return 0
+
+
+# --- parser -----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--data-dir",
+        default=os.environ.get("TVS_DATA_DIR", "./data"),
+        help="data directory (env TVS_DATA_DIR; default ./data)",
+    )
+    common.add_argument(
+        "--database-url",
+        default=os.environ.get("TVS_DATABASE_URL"),
+        help="catalog URL (env TVS_DATABASE_URL; default sqlite:///<data-dir>/catalog.db)",
+    )
+    common.add_argument(
+        "--model",
+        default=None,
+        help="preset, PRESET:PRETRAINED or checkpoint dir (env TVS_MODEL; default assets/demo-model, else small)",
+    )
+    common.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
+    common.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    pipe = argparse.ArgumentParser(add_help=False)
+    pipe.add_argument("--batch-size", type=int, default=8, help="segments per encoder forward")
+    pipe.add_argument("--decode-threads", type=int, default=1)
+    pipe.add_argument(
+        "--max-segment-s", type=float, default=30.0, help="videos up to this long are one segment"
+    )
+    pipe.add_argument("--window-s", type=float, default=15.0, help="window length for longer videos")
+
+    parser = argparse.ArgumentParser(
+        prog="indexer", description="Build and maintain the text-to-video index."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        name: str, fn: Callable[[Env], int], text: str, parents: Sequence[argparse.ArgumentParser] = ()
+    ) -> Any:
+        p = sub.add_parser(name, help=text, description=text, parents=[common, *parents])
+        p.set_defaults(fn=fn)
+        return p
+
+    add("migrate", cmd_migrate, "create or upgrade the catalog schema (alembic upgrade head)")
+    p = add("add", cmd_add, "ingest and index video files, folders or globs (resumable)", [pipe])
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument(
+        "--mode",
+        choices=["in-place", "copy", "move"],
+        default="in-place",
+        help="index files where they are (default), or copy/move them into the data directory",
+    )
+    p.add_argument("--no-recursive", action="store_true", help="do not descend into sub-folders")
+    p.add_argument("--max-attempts", type=int, default=3, help="tries per video before it is failed")
+    p = add("worker", cmd_worker, "run queued ingest jobs until stopped (SIGTERM/Ctrl-C)", [pipe])
+    p.add_argument("--lease-s", type=float, default=60.0, help="job lease; renewed every third of it")
+    p.add_argument("--poll-s", type=float, default=1.0, help="wait between empty queue checks")
+    p = add("reindex", cmd_reindex, "index the library with --model; switch to it when complete", [pipe])
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--missing", action="store_true", help="only videos without its segments (default)")
+    which.add_argument("--all", action="store_true", help="every video, replacing its segments")
+    p = add("rebuild-index", cmd_rebuild_index, "rebuild the FAISS snapshot from the token store")
+    p.add_argument(
+        "--factory", default=None, help="FAISS factory string (default: keep the current one, or Flat)"
+    )
+    p = add("verify", cmd_verify, "check that catalog, token store and index agree (exit 1 if not)", [pipe])
+    p.add_argument("--repair", action="store_true", help="fix what disagrees (re-encodes damaged videos)")
+    add("stats", cmd_stats, "counts of videos, segments and jobs")
+    p = add("rm", cmd_rm, "delete videos: gone from search at once, files freed after")
+    p.add_argument("video_ids", nargs="+", type=int, metavar="VIDEO_ID")
+    p = add("synth", cmd_synth, "generate the sample video library (indexer.synth)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--families", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--holdout", type=float, default=0.2)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--fps", type=int, default=12)
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--workers", type=int, default=2)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    data = DataDir(args.data_dir)
+    env = Env(args, data, args.database_url or data.database_url)
+    try:
+        if args.command != "synth":
+            data.ensure()
+        return int(args.fn(env))
+    except Exception as e:
+        if not isinstance(e, _expected_errors()):
+            raise
+        print(f"indexer {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+def _expected_errors() -> tuple[type[Exception], ...]:
+    """Errors that describe a setup or input problem: shown as a message, not a traceback."""
+    from indexer.ingest import IngestError
+    from indexer.live_index import IndexMismatchError
+    from indexer.token_store import StoreLayoutError
+    from indexer.verify import UnknownModelError
+    from model.checkpoint import CheckpointError
+    from model.config import UnknownPresetError
+
+    return (
+        UsageError,
+        DatabaseNotMigratedError,
+        FileNotFoundError,
+        IngestError,
+        IndexMismatchError,
+        StoreLayoutError,
+        UnknownModelError,
+        CheckpointError,
+        UnknownPresetError,
+    )

@@ -1,0 +1,329 @@
+"""The in-memory index an API process searches: a verified snapshot, caught up and kept current by the change feed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sqlalchemy.orm import Session, sessionmaker
+
+from indexer import catalog
+from indexer.changes import ChangeFollower, latest_seq
+from indexer.db import session_scope
+from indexer.paths import DataDir
+from indexer.token_store import TokenStore
+from indexer.vector_index import (
+    CorruptSnapshotError,
+    DuplicateIdError,
+    SnapshotNotFoundError,
+    TrainingError,
+    VectorIndex,
+    build_index,
+)
+from model.tokenbinder import TokenBinder
+
+logger = logging.getLogger(__name__)
+
+_READ_CHUNK = 4096
+_CATCH_UP_ROUNDS = 1000  # polls of up to 1000 changes each before serving; the thread does the rest
+
+
+class IndexMismatchError(RuntimeError):
+    """The loaded model is not the one the catalog's index belongs to."""
+
+
+def read_cls(store: TokenStore, ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids that have a valid record, their CLS as float32), reading in bounded chunks."""
+    arr = np.asarray(ids, dtype=np.int64)
+    kept, vecs = [], []
+    for start in range(0, len(arr), _READ_CHUNK):
+        chunk = arr[start : start + _READ_CHUNK]
+        chunk = chunk[store.has(chunk)]
+        if len(chunk):
+            kept.append(chunk)
+            vecs.append(store.get_cls(chunk).astype(np.float32))
+    if not kept:
+        return np.zeros(0, np.int64), np.zeros((0, store.dim), np.float32)
+    return np.concatenate(kept), np.concatenate(vecs)
+
+
+def register_model(
+    session_factory: sessionmaker[Session], model: TokenBinder, *, require_active: bool
+) -> bool:
+    """Record the model; activate it if none is active. Returns whether it is the active one.
+
+    With `require_active`, a different active model raises IndexMismatchError.
+    """
+    cfg = model.config
+    with session_scope(session_factory) as session:
+        catalog.ensure_model(session, model.model_id, cfg.backbone, cfg.embed_dim, cfg.num_frames)
+        active = catalog.get_active_model(session)
+        if active is None:
+            catalog.activate_model(session, model.model_id)
+            return True
+        if active.id != model.model_id and require_active:
+            raise IndexMismatchError(
+                f"the catalog's active model is {active.id!r} but this process loaded {model.model_id!r}; "
+                f"start it with that model, or switch the library with `indexer reindex --model <spec>`"
+            )
+        return active.id == model.model_id
+
+
+class LiveIndex:
+    """FAISS over one model's segment CLS vectors, plus its token store, following the catalog's change feed.
+
+    Adds and deletes committed by any process (workers, other API replicas) are applied within about
+    `follow_interval_s`. The snapshot on disk is a cache: missing, corrupt or for another model, it is
+    rebuilt from the catalog's segment ids and the token store.
+    """
+
+    def __init__(
+        self,
+        data: DataDir,
+        session_factory: sessionmaker[Session],
+        model_id: str,
+        dim: int,
+        num_frames: int,
+        factory: str = "Flat",
+        follow_interval_s: float = 0.25,
+    ) -> None:
+        self.data, self._factory, self.model_id = data, session_factory, model_id
+        self.dim, self.num_frames, self._wanted_factory = dim, num_frames, factory
+        self.follow_interval_s = follow_interval_s
+        self.path = data.index_path(model_id)
+        self._index = VectorIndex(dim, "Flat")
+        self._store: TokenStore | None = None
+        self._follower: ChangeFollower | None = None
+        self._start_seq = 0
+        self._following = False
+        self._lock = threading.RLock()  # applying changes vs. taking a snapshot
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+    def open(self, *, follow: bool = True, rebuild: bool = False, check_active: bool = True) -> LiveIndex:
+        """Load (or rebuild) the index, catch up with the change feed, then follow it in a thread."""
+        if check_active:
+            self.check_model()
+        self._store = TokenStore(
+            self.data.tokens_dir(self.model_id), self.num_frames, self.dim, readonly=True
+        )
+        if rebuild or not self._load():
+            self._rebuild()
+        self._following = follow
+        self._follow()
+        logger.info("index for %s open: %d segments (%s)", self.model_id, self.size, self.factory)
+        return self
+
+    def _follow(self) -> None:
+        self._follower = ChangeFollower(
+            self._factory,
+            self.model_id,
+            self._apply_add,
+            self._apply_delete,
+            self._start_seq,
+            self.follow_interval_s,
+        )
+        for _ in range(_CATCH_UP_ROUNDS):
+            if not self._follower.poll():
+                break
+        if self._following:
+            self._follower.start()
+
+    def close(self) -> None:
+        if self._follower is not None:
+            self._follower.stop()
+        if self._store is not None:
+            self._store.close()
+
+    def __enter__(self) -> LiveIndex:
+        return self.open() if self._store is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def check_model(self) -> None:
+        """Raise IndexMismatchError unless this model is (or may become) the catalog's active one."""
+        with session_scope(self._factory) as session:
+            active = catalog.get_active_model(session)
+            mine = catalog.get_model(session, self.model_id)
+        if active is not None and active.id != self.model_id:
+            raise IndexMismatchError(
+                f"the catalog's active model is {active.id!r}, but this process loaded {self.model_id!r}; "
+                f"load {active.id!r}, or switch the library to this model with "
+                "`indexer reindex --model <this model>`"
+            )
+        if mine is not None and (mine.dim, mine.num_frames) != (self.dim, self.num_frames):
+            raise IndexMismatchError(
+                f"model {self.model_id!r} is registered with dim={mine.dim}, T={mine.num_frames}, not "
+                f"dim={self.dim}, T={self.num_frames}; a changed checkpoint needs a new model id"
+            )
+
+    def _load(self) -> bool:
+        try:
+            index, manifest = VectorIndex.load(self.path)
+        except SnapshotNotFoundError:
+            logger.info("no index snapshot for %s yet; building it from the token store", self.model_id)
+            return False
+        except CorruptSnapshotError as e:
+            logger.warning("index snapshot unusable (%s); rebuilding from the token store", e)
+            return False
+        found = (manifest.get("model_id"), index.dim, index.factory)
+        if found != (self.model_id, self.dim, self._wanted_factory) or "last_seq" not in manifest:
+            logger.warning(
+                "index snapshot %s is for (model, dim, factory) = %s, not %s; rebuilding",
+                self.path,
+                found,
+                (self.model_id, self.dim, self._wanted_factory),
+            )
+            return False
+        self._index, self._start_seq = index, int(manifest["last_seq"])
+        return True
+
+    def rebuild(self) -> None:
+        """Replace the index with one built from the catalog's segment ids and the token store."""
+        assert self._store is not None, "open() first"
+        if self._follower is not None:
+            self._follower.stop()
+        self._rebuild()
+        self._follow()
+
+    def _rebuild(self) -> None:
+        assert self._store is not None
+        with self._lock:
+            with session_scope(self._factory) as session:
+                # The seq first: changes after it are replayed on top, and replaying is idempotent.
+                seq = latest_seq(session)
+                ids = catalog.segment_ids_for_model(session, self.model_id)
+            kept, vecs = read_cls(self._store, ids)
+            if len(kept) < len(ids):
+                logger.warning(
+                    "%d segments of %s have no valid token record and are left out; "
+                    "run `indexer verify --repair`",
+                    len(ids) - len(kept),
+                    self.model_id,
+                )
+            self._index, self._start_seq = self._build(kept, vecs), seq
+
+    def _build(self, ids: np.ndarray, vecs: np.ndarray) -> VectorIndex:
+        if not len(ids):
+            try:
+                return VectorIndex(self.dim, self._wanted_factory)
+            except ValueError:
+                return VectorIndex(self.dim, "Flat")
+        try:
+            return build_index(self.dim, self._wanted_factory, ids, vecs)
+        except TrainingError as e:
+            logger.warning("%s; using an exact Flat index until the library is larger", e)
+            return build_index(self.dim, "Flat", ids, vecs)
+
+    # --- following ----------------------------------------------------------------------------------
+    def _apply_add(self, ids: list[int]) -> None:
+        assert self._store is not None
+        with self._lock:
+            arr = np.asarray(ids, dtype=np.int64)
+            new = arr[~self._index.contains(arr)]
+            kept, vecs = read_cls(self._store, new)
+            if len(kept) < len(new):
+                # Tokens are durable before their rows commit, so this is a freed (deleted) or damaged record.
+                logger.warning(
+                    "%d added segments of %s have no token record; skipped",
+                    len(new) - len(kept),
+                    self.model_id,
+                )
+            try:
+                self._index.add(kept, vecs)
+            except DuplicateIdError:  # a replayed add of an id an HNSW index still holds as a tombstone
+                for i, v in zip(kept, vecs, strict=True):
+                    try:
+                        self._index.add([i], v[None])
+                    except DuplicateIdError:
+                        pass
+            except TrainingError:
+                self._index = self._build(*self._merged(kept, vecs))
+
+    def _merged(self, ids: np.ndarray, vecs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        assert self._store is not None
+        old_ids, old_vecs = read_cls(self._store, self._index.ids())
+        return np.concatenate([old_ids, ids]), np.concatenate([old_vecs, vecs])
+
+    def _apply_delete(self, ids: list[int]) -> None:
+        with self._lock:
+            self._index.remove(ids)
+
+    def refresh(self) -> int:
+        """Apply what the change feed holds now (the follower thread does this every interval)."""
+        return self._follower.poll() if self._follower is not None else 0
+
+    # --- queries ------------------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self._index.ntotal
+
+    @property
+    def factory(self) -> str:
+        return self._index.factory
+
+    @property
+    def last_seq(self) -> int:
+        return self._follower.last_seq if self._follower is not None else self._start_seq
+
+    def ids(self) -> np.ndarray:
+        return self._index.ids()
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores [B, k], segment ids [B, k]) by cosine; empty slots are (-inf, -1)."""
+        return self._index.search(queries, k)
+
+    def tokens(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Frame tokens [N, T, D] fp16; raises token_store.MissingRecordError for ids without a record."""
+        assert self._store is not None, "open() first"
+        return self._store.get_tokens(np.asarray(ids, dtype=np.int64))
+
+    def snapshot(self) -> dict[str, Any]:
+        """Save the index atomically with the seq it reflects; returns the manifest."""
+        with self._lock:
+            return self._index.save(self.path, {"model_id": self.model_id, "last_seq": self.last_seq})
+
+
+def snapshot_factory(data: DataDir, model_id: str) -> str:
+    """The factory recorded in a model's snapshot manifest, or "Flat"."""
+    try:
+        return str(json.loads(data.index_manifest(model_id).read_text())["factory"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "Flat"
+
+
+def open_for_model(
+    data: DataDir, session_factory: sessionmaker[Session], model_id: str, factory: str = "Flat", **kwargs: Any
+) -> LiveIndex:
+    """A LiveIndex (not yet opened) for a model registered in the catalog, with its dims from there."""
+    with session_scope(session_factory) as session:
+        model = catalog.get_model(session, model_id)
+    if model is None:
+        raise IndexMismatchError(
+            f"model {model_id!r} is not registered in the catalog; index videos with it first"
+        )
+    return LiveIndex(data, session_factory, model_id, model.dim, model.num_frames, factory, **kwargs)
+
+
+def save_snapshot(
+    data: DataDir,
+    session_factory: sessionmaker[Session],
+    model_id: str,
+    *,
+    rebuild: bool = False,
+    factory: str | None = None,
+) -> dict[str, Any]:
+    """Bring a model's snapshot up to date with the catalog (or rebuild it) and save it; any model, active or not.
+
+    `factory=None` keeps the factory of the snapshot on disk (Flat when there is none).
+    """
+    index = open_for_model(data, session_factory, model_id, factory or snapshot_factory(data, model_id))
+    try:
+        index.open(follow=False, rebuild=rebuild, check_active=False)
+        return index.snapshot()
+    finally:
+        index.close()

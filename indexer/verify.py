@@ -1,0 +1,228 @@
+"""Index upkeep: cross-check catalog, token store and FAISS snapshot (and repair), and reindex into a new model."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from sqlalchemy import exists, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from indexer import catalog, jobs
+from indexer.catalog import Job, Segment, Video
+from indexer.db import session_scope
+from indexer.ingest import release_pending
+from indexer.live_index import register_model, save_snapshot
+from indexer.paths import DataDir
+from indexer.pipeline import PipelineConfig, TaskResult, VideoTask
+from indexer.token_store import TokenStore
+from indexer.vector_index import CorruptSnapshotError, SnapshotNotFoundError, VectorIndex
+from indexer.worker import BulkReport, Worker, settle
+from model.tokenbinder import TokenBinder
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 4096
+_OPEN_STATES = ("queued", *jobs.ACTIVE_STATES)
+
+
+class UnknownModelError(LookupError):
+    """The model to verify is not registered in the catalog."""
+
+
+@dataclass
+class VerifyReport:
+    model_id: str
+    segments: int = 0  # the catalog's segments of this model
+    indexed: int = 0  # vectors in the snapshot
+    snapshot: str = "ok"  # ok | missing | corrupt: ... | other model
+    missing_tokens: list[int] = field(default_factory=list)  # segments without a valid token record
+    orphan_tokens: list[int] = field(default_factory=list)  # records no segment (or running job) owns
+    index_missing: list[int] = field(default_factory=list)  # segments the snapshot lacks (it lags)
+    index_extra: list[int] = field(default_factory=list)  # snapshot ids with no segment (deleted videos)
+    videos_without_segments: list[int] = field(default_factory=list)  # ready videos not in this index
+    missing_files: list[int] = field(default_factory=list)  # videos whose stored file is gone (a warning)
+    requeued_jobs: list[int] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Catalog, token store and snapshot agree (missing source files are reported, not counted)."""
+        problems = (self.missing_tokens, self.orphan_tokens, self.index_missing, self.index_extra)
+        return self.snapshot == "ok" and not any(problems) and not self.videos_without_segments
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def verify(
+    data: DataDir, session_factory: sessionmaker[Session], model_id: str, repair: bool = False
+) -> VerifyReport:
+    """Check one model's index; with `repair`, fix what can be fixed and return the state after the fix.
+
+    Repairs: a lagging, corrupt or stale snapshot is rebuilt from the catalog and the token store;
+    orphan records are freed; videos with missing records (or none at all) get a `reindex` job (run it
+    with `indexer worker`, or `indexer verify --repair` runs it in-process).
+    """
+    report = _check(data, session_factory, model_id)
+    if not repair or report.ok:
+        return report
+    actions: list[str] = []
+    requeued = _requeue(session_factory, model_id, report, actions)
+    _free_orphans(data, session_factory, model_id, report, actions)
+    if report.snapshot != "ok" or report.index_missing or report.index_extra:
+        save_snapshot(data, session_factory, model_id, rebuild=True)
+        actions.append("rebuilt the index snapshot from the catalog and the token store")
+    after = _check(data, session_factory, model_id)
+    after.requeued_jobs, after.repaired = requeued, actions
+    return after
+
+
+def _model(session_factory: sessionmaker[Session], model_id: str) -> catalog.EmbeddingModel:
+    with session_scope(session_factory) as session:
+        model = catalog.get_model(session, model_id)
+    if model is None:
+        raise UnknownModelError(
+            f"model {model_id!r} is not registered in the catalog; nothing was indexed with it"
+        )
+    return model
+
+
+def _check(data: DataDir, session_factory: sessionmaker[Session], model_id: str) -> VerifyReport:
+    model = _model(session_factory, model_id)
+    report = VerifyReport(model_id)
+    with session_scope(session_factory) as session:
+        seg_ids = np.asarray(catalog.segment_ids_for_model(session, model_id), np.int64)
+        report.videos_without_segments = _videos_without_segments(session, model_id, model.active)
+        in_flight = _videos_with_open_jobs(session, model_id)
+        videos = session.execute(select(Video.id, Video.stored_path).where(Video.status != "deleted")).all()
+    report.segments = len(seg_ids)
+    report.missing_files = [v for v, p in videos if p and not data.resolve(p).exists()]
+    root = data.tokens_dir(model_id)
+    with TokenStore(root, model.num_frames, model.dim, readonly=True) as store:
+        for start in range(0, len(seg_ids), _CHUNK):
+            report.missing_tokens += store.verify(seg_ids[start : start + _CHUNK])
+        stored = [ids for ids, _ in store.iter_records()]
+    record_ids = np.concatenate(stored) if stored else np.zeros(0, np.int64)
+    journalled = [i for video, ids in data.pending(model_id).items() if video in in_flight for i in ids]
+    report.orphan_tokens = np.setdiff1d(record_ids, np.union1d(seg_ids, journalled)).tolist()
+    try:
+        index, manifest = VectorIndex.load(data.index_path(model_id))
+    except SnapshotNotFoundError:
+        report.snapshot = "missing"
+        return report
+    except CorruptSnapshotError as e:
+        report.snapshot = f"corrupt: {e}"
+        return report
+    if manifest.get("model_id") != model_id or index.dim != model.dim:
+        report.snapshot = "other model"
+        return report
+    indexed = index.ids()
+    report.indexed = len(indexed)
+    report.index_missing = np.setdiff1d(seg_ids, indexed).tolist()
+    report.index_extra = np.setdiff1d(indexed, seg_ids).tolist()
+    return report
+
+
+def _videos_without_segments(session: Session, model_id: str, active: bool) -> list[int]:
+    if not active:  # another generation being built: its gaps are `indexer reindex --missing`'s business
+        return []
+    has_segments = exists().where(Segment.video_id == Video.id, Segment.model_id == model_id)
+    stmt = select(Video.id).where(Video.status == "ready", ~has_segments).order_by(Video.id)
+    return list(session.scalars(stmt))
+
+
+def _videos_with_open_jobs(session: Session, model_id: str) -> set[int]:
+    stmt = select(Job.video_id).where(Job.state.in_(_OPEN_STATES), Job.video_id.is_not(None))
+    return {v for v in session.scalars(stmt) if v is not None}
+
+
+def _requeue(
+    session_factory: sessionmaker[Session], model_id: str, report: VerifyReport, actions: list[str]
+) -> list[int]:
+    with session_scope(session_factory) as session:
+        damaged = {s.video_id for s in catalog.get_segments(session, report.missing_tokens)}
+        videos = sorted(damaged | set(report.videos_without_segments))
+        busy = _videos_with_open_jobs(session, model_id)
+        job_ids = [jobs.enqueue(session, "reindex", v, model_id).id for v in videos if v not in busy]
+    if job_ids:
+        actions.append(f"queued {len(job_ids)} reindex job(s) for videos {videos}")
+    return job_ids
+
+
+def _free_orphans(
+    data: DataDir,
+    session_factory: sessionmaker[Session],
+    model_id: str,
+    report: VerifyReport,
+    actions: list[str],
+) -> None:
+    model = _model(session_factory, model_id)
+    with session_scope(session_factory) as session:
+        in_flight = _videos_with_open_jobs(session, model_id)
+    with TokenStore(data.tokens_dir(model_id), model.num_frames, model.dim) as store:
+        for video_id in data.pending(model_id):
+            if video_id not in in_flight:  # the journal of a crashed attempt nobody is resuming
+                release_pending(session_factory, data, model_id, video_id, store)
+        if report.orphan_tokens:
+            store.free(report.orphan_tokens)
+            store.flush()
+            actions.append(f"freed {len(report.orphan_tokens)} orphan token record(s)")
+
+
+# --- a new generation ----------------------------------------------------------------------------
+def reindex(
+    session_factory: sessionmaker[Session],
+    data: DataDir,
+    model: TokenBinder,
+    *,
+    all_videos: bool = False,
+    config: PipelineConfig | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_result: Callable[[TaskResult], None] | None = None,
+) -> BulkReport:
+    """Index the library with `model` (videos lacking its segments, or all); then make it the active model.
+
+    A new model's segments and tokens form a generation beside the live one; the switch is one
+    transaction, taken only when every video is in the new generation. Re-running resumes.
+    """
+    started = time.monotonic()
+    active = register_model(session_factory, model, require_active=False)
+    worker = Worker(session_factory, data, model, config=config, on_result=on_result, require_active=False)
+    report = BulkReport()
+    seen: dict[int, str] = {}
+    try:
+        for _ in range(3):  # later passes pick up videos ingested meanwhile
+            with session_scope(session_factory) as session:
+                todo = _reindex_candidates(session, model.model_id, missing_only=not all_videos or bool(seen))
+            todo = [(v, p) for v, p in todo if v not in seen]
+            if not todo:
+                break
+            seen.update((v, p) for v, p in todo)
+            if on_start is not None:
+                on_start(len(seen))
+            worker.process(VideoTask(v, data.resolve(p), None, set_ready=active) for v, p in todo)
+    finally:
+        worker.close()
+    report.files = len(seen)
+    settle(session_factory, model.model_id, {v: f"video {v} ({p})" for v, p in seen.items()}, report)
+    if not active and not report.failed:
+        with session_scope(session_factory) as session:
+            if not _reindex_candidates(session, model.model_id, missing_only=True):
+                report.switched = catalog.activate_model(session, model.model_id) is not None
+    save_snapshot(data, session_factory, model.model_id)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _reindex_candidates(session: Session, model_id: str, *, missing_only: bool) -> list[tuple[int, str]]:
+    stmt = select(Video.id, Video.stored_path).where(
+        Video.status.in_(("pending", "indexing", "ready")), Video.stored_path.is_not(None)
+    )
+    if missing_only:
+        stmt = stmt.where(~exists().where(Segment.video_id == Video.id, Segment.model_id == model_id))
+    return [(v, p) for v, p in session.execute(stmt.order_by(Video.id))]

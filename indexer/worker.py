@@ -1,0 +1,391 @@
+"""The job worker: claims ingest jobs under a lease, runs them through the pipeline, heartbeats, retries."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from indexer import catalog, jobs
+from indexer.catalog import Job
+from indexer.db import session_scope, utcnow
+from indexer.ingest import IngestError, StoreMode, discover, ingest_file
+from indexer.live_index import register_model, save_snapshot
+from indexer.paths import DataDir
+from indexer.pipeline import Encoder, PipelineConfig, TaskResult, VideoTask, Writer, run_pipeline
+from indexer.token_store import TokenStore
+from model.tokenbinder import TokenBinder
+
+logger = logging.getLogger(__name__)
+
+_PROGRESS_EVERY_S = 1.0  # job progress rows are throttled: each update is a catalog write
+
+
+class LostLeaseError(RuntimeError):
+    """Another worker took the job over (this one's lease expired); its work is not committed."""
+
+
+def default_worker_id() -> str:
+    # host:pid lets a restarted process on the same host take back the jobs of a dead one at once.
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    """Runs ingest jobs with one model. One thread in the API process on SQLite; many processes on PostgreSQL."""
+
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        data: DataDir,
+        model: TokenBinder,
+        worker_id: str | None = None,
+        lease_s: float = 60.0,
+        poll_s: float = 1.0,
+        *,
+        config: PipelineConfig | None = None,
+        on_result: Callable[[TaskResult], None] | None = None,
+        require_active: bool = True,
+    ) -> None:
+        self.factory, self.data, self.model = session_factory, data, model
+        self.worker_id = worker_id or default_worker_id()
+        self.lease_s, self.poll_s = lease_s, poll_s
+        self.config = config or PipelineConfig()
+        self.model_id = model.model_id
+        cfg = model.config
+        self.store = TokenStore(data.tokens_dir(self.model_id), cfg.num_frames, cfg.embed_dim)
+        self.encoder = Encoder(model)
+        self.writer = Writer(
+            session_factory, data, self.model_id, self.store, on_commit=self._complete, jpeg_quality=85
+        )
+        self._observer = on_result
+        self._inflight: dict[int, float] = {}  # job id -> last progress write (monotonic)
+        self._lock = threading.Lock()
+        self._registered = False
+        self._require_active = require_active
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- public -----------------------------------------------------------------------------------------
+    def run_once(self) -> bool:
+        """Claim one job and run it to the end; False when no job was ready."""
+        self._prepare()
+        task = self._claim_task()
+        if task is None:
+            return False
+        self._pipeline(iter([task]), threading.Event())
+        return True
+
+    def run(
+        self, stop_event: threading.Event | None = None, *, until: Callable[[], bool] | None = None
+    ) -> None:
+        """Process jobs until `stop_event` is set, or (with `until`) once nothing is claimable and until() holds."""
+        stop = stop_event or self._stop
+        self._prepare()
+        done = threading.Event()
+        beat = threading.Thread(target=self._heartbeat_loop, args=(done,), name="heartbeat", daemon=True)
+        beat.start()
+        try:
+            self._pipeline(self._tasks(stop, until, done), stop)
+        finally:
+            done.set()
+
+    def process(self, tasks: Iterable[VideoTask], stop: threading.Event | None = None) -> None:
+        """Run tasks that are not queue jobs (`indexer reindex`); results go to `on_result`."""
+        self._prepare()
+        self._pipeline(iter(tasks), stop or threading.Event())
+
+    def start_thread(self) -> threading.Thread:
+        """Run in a daemon thread until stop()."""
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self.run, args=(self._stop,), name="ingest-worker", daemon=True
+        )
+        self._thread.start()
+        return self._thread
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def close(self) -> None:
+        self.stop()
+        self.store.close()
+
+    # --- claiming ---------------------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        if not self._registered:
+            register_model(self.factory, self.model, require_active=self._require_active)
+            self._registered = True
+        self._take_back_dead_local_leases()
+
+    def _tasks(
+        self, stop: threading.Event, until: Callable[[], bool] | None, done: threading.Event
+    ) -> Iterator[VideoTask]:
+        while not stop.is_set() and not done.is_set():
+            task = self._claim_task()
+            if task is not None:
+                yield task
+            elif until is not None and until():
+                return
+            else:
+                stop.wait(self.poll_s)
+
+    def _claim_task(self) -> VideoTask | None:
+        while True:
+            with session_scope(self.factory) as session:
+                job = jobs.claim_next(session, self.worker_id, self.lease_s)
+                if job is None:
+                    return None
+                task = self._task_for(session, job)
+            if task is not None:
+                with self._lock:
+                    self._inflight[job.id] = time.monotonic()
+                return task
+
+    def _task_for(self, session: Session, job: Job) -> VideoTask | None:
+        """The job as a pipeline task, or None after settling a job that cannot run here."""
+        video = catalog.get_video(session, job.video_id) if job.video_id is not None else None
+        if video is None or video.status == "deleted" or not video.stored_path:
+            jobs.fail(session, job.id, "the video was deleted", retryable=False, worker_id=self.worker_id)
+            return None
+        if job.kind == "reindex" and job.model_id != self.model_id:
+            # Another model's generation: leave it to a worker (or `indexer reindex`) running that model.
+            session.execute(
+                update(Job)
+                .where(Job.id == job.id)
+                .values(
+                    state="queued",
+                    attempts=Job.attempts - 1,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    run_after=utcnow() + timedelta(seconds=max(self.poll_s, 5.0)),
+                )
+            )
+            return None
+        if job.kind == "ingest":
+            video.status = "indexing"
+        active = catalog.get_active_model(session)
+        return VideoTask(
+            video.id,
+            self.data.resolve(video.stored_path),
+            job.id,
+            set_ready=active is None or active.id == self.model_id,
+        )
+
+    def _take_back_dead_local_leases(self) -> None:
+        """Expire the leases of workers on this host whose process is gone, so their jobs resume now."""
+        host = socket.gethostname()
+        with session_scope(self.factory) as session:
+            rows = session.execute(
+                select(Job.id, Job.lease_owner).where(
+                    Job.state.in_(jobs.ACTIVE_STATES), Job.lease_owner.like(f"{host}:%")
+                )
+            ).all()
+            dead = [job_id for job_id, owner in rows if not _alive(owner)]
+            if dead:
+                logger.info("resuming jobs %s of a stopped worker on this host", dead)
+                session.execute(
+                    update(Job)
+                    .where(Job.id.in_(dead))
+                    .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+                )
+
+    # --- job bookkeeping ------------------------------------------------------------------------------
+    def _heartbeat_loop(self, done: threading.Event) -> None:
+        while not done.wait(self.lease_s / 3):
+            with self._lock:
+                ids = list(self._inflight)
+            for job_id in ids:
+                try:
+                    with session_scope(self.factory) as session:
+                        if not jobs.heartbeat(session, job_id, self.worker_id, self.lease_s):
+                            logger.warning("lost the lease of job %s; another worker has it", job_id)
+                except Exception:
+                    logger.exception("heartbeat for job %s failed; will retry", job_id)
+
+    def _complete(self, session: Session, task: VideoTask) -> None:
+        if task.job_id is None:
+            return
+        # Lock the row so a worker taking over an expired lease cannot interleave with this commit.
+        session.execute(select(Job.id).where(Job.id == task.job_id).with_for_update()).all()
+        if jobs.complete(session, task.job_id, worker_id=self.worker_id) is None:
+            raise LostLeaseError(f"job {task.job_id} was taken over by another worker; not committing")
+
+    def _progress(self, task: VideoTask, state: str, fraction: float) -> None:
+        if task.job_id is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            last = self._inflight.get(task.job_id)
+            if last is None or now - last < _PROGRESS_EVERY_S:
+                return
+            self._inflight[task.job_id] = now
+        try:
+            with session_scope(self.factory) as session:
+                jobs.set_state(session, task.job_id, state, fraction, worker_id=self.worker_id)
+        except Exception:
+            logger.exception("could not record progress of job %s", task.job_id)
+
+    def _on_result(self, result: TaskResult) -> None:
+        task = result.task
+        with self._lock:
+            self._inflight.pop(task.job_id or -1, None)
+        if not result.ok and task.job_id is not None and not isinstance(result.error, LostLeaseError):
+            reason = str(result.error) or type(result.error).__name__
+            with session_scope(self.factory) as session:
+                job = jobs.fail(session, task.job_id, reason, result.retryable, worker_id=self.worker_id)
+                if job is not None and job.state == "failed" and task.set_ready:
+                    catalog.set_video_status(session, task.video_id, "failed", error=reason)
+        if self._observer is not None:
+            self._observer(result)
+
+    def _pipeline(self, tasks: Iterator[VideoTask], stop: threading.Event) -> None:
+        cfg = self.model.config
+        run_pipeline(
+            tasks,
+            num_frames=cfg.num_frames,
+            size=cfg.image_size,
+            encoder=self.encoder,
+            writer=self.writer,
+            on_result=self._on_result,
+            on_progress=self._progress,
+            config=self.config,
+            stop=stop,
+        )
+
+
+def _alive(owner: str | None) -> bool:
+    parts = (owner or "").split(":")
+    if len(parts) < 2 or not parts[1].isdigit():
+        return True  # not ours to judge: wait for its lease to expire
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --- bulk runs: `indexer add` and `indexer reindex` ---------------------------------------------------------
+@dataclass
+class BulkReport:
+    files: int = 0  # files (add) or videos (reindex) considered
+    indexed: int = 0  # videos indexed by this run
+    already: int = 0  # videos that were indexed before (same bytes seen earlier)
+    segments: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # file (or video id) -> reason
+    switched: bool = False  # reindex: the model became the active one
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_OPEN_STATES = ("queued", *jobs.ACTIVE_STATES)
+
+
+def _open_jobs(session_factory: sessionmaker[Session], job_ids: list[int]) -> int:
+    with session_scope(session_factory) as session:
+        return sum(
+            session.scalar(
+                select(func.count()).where(Job.id.in_(job_ids[i : i + 500]), Job.state.in_(_OPEN_STATES))
+            )
+            or 0
+            for i in range(0, len(job_ids), 500)
+        )
+
+
+def add_paths(
+    session_factory: sessionmaker[Session],
+    data: DataDir,
+    model: TokenBinder,
+    paths: Iterable[str | os.PathLike[str]],
+    *,
+    mode: StoreMode = "in_place",
+    recursive: bool = True,
+    max_attempts: int = 3,
+    config: PipelineConfig | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_result: Callable[[TaskResult], None] | None = None,
+) -> BulkReport:
+    """Ingest files (folders, globs) and index them in this process; re-running after a crash completes the run.
+
+    Indexing starts while later files are still being hashed. Returns what happened to each file.
+    """
+    started = time.monotonic()
+    register_model(session_factory, model, require_active=True)
+    files = discover(paths, recursive)
+    report = BulkReport(files=len(files))
+    if on_start is not None:
+        on_start(len(files))
+    worker = Worker(session_factory, data, model, config=config, on_result=on_result)
+    job_ids: list[int] = []
+    by_video: dict[int, Path] = {}
+    hashed = threading.Event()
+    crashed: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            worker.run(until=lambda: hashed.is_set() and not _open_jobs(session_factory, job_ids))
+        except BaseException as e:  # re-raised in the caller's thread below
+            crashed.append(e)
+
+    thread = threading.Thread(target=work, name="add-worker", daemon=True)
+    thread.start()
+    try:
+        for path in files:
+            try:
+                result = ingest_file(
+                    session_factory, data, path, model_id=model.model_id, mode=mode, max_attempts=max_attempts
+                )
+            except (IngestError, OSError) as e:
+                report.failed[str(path)] = str(e)
+                continue
+            by_video[result.video_id] = path
+            if result.job_id is not None:
+                job_ids.append(result.job_id)
+            report.already += result.duplicate_of is not None and result.status == "ready"
+    finally:
+        hashed.set()
+        thread.join()
+        worker.close()
+    if crashed:
+        raise crashed[0]
+    settle(session_factory, model.model_id, by_video, report)
+    save_snapshot(data, session_factory, model.model_id)
+    report.indexed -= report.already
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def settle(
+    session_factory: sessionmaker[Session], model_id: str, by_video: dict[Any, Path | str], report: BulkReport
+) -> None:
+    with session_scope(session_factory) as session:
+        for video_id, path in by_video.items():
+            video = catalog.get_video(session, video_id)
+            segments = len(catalog.segments_for_video(session, video_id, model_id))
+            if segments:
+                report.indexed += 1
+                report.segments += segments
+            elif video is None or video.status == "deleted":
+                report.failed[str(path)] = "the video was deleted while it was being indexed"
+            else:
+                report.failed[str(path)] = video.error or f"not indexed (status {video.status})"
