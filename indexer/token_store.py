@@ -181,8 +181,8 @@ class TokenStore:
                 raise
             if self.readonly:
                 os.close(fd)  # the mapping keeps the file open
-                fd = None
-            shard = self._shards[n] = _Shard(mm, np.frombuffer(mm, dtype=np.uint8), fd)
+            buf = np.frombuffer(mm, dtype=np.uint8)
+            shard = self._shards[n] = _Shard(mm, buf, None if self.readonly else fd)
             return shard
 
     def _create_shard(self, path: Path, n: int) -> None:
@@ -231,12 +231,12 @@ class TokenStore:
         recs[:, h : h + tb] = tok16[order].reshape(n, -1).view(np.uint8)
         recs[:, h + tb : h + self._payload_bytes] = cls16[order].view(np.uint8)
         for j, sid in enumerate(id_arr.tolist()):
-            crc = zlib.crc32(recs[j, h : h + self._payload_bytes])
+            crc = zlib.crc32(recs[j, h : h + self._payload_bytes].data)
             _REC_HEADER.pack_into(recs[j], 0, _REC_MAGIC, _FLAG_LIVE, sid, crc)
         for shard_no, first, start, stop in self._runs(id_arr):
             shard = self._shard(shard_no, create=True)
             assert shard is not None and shard.fd is not None
-            _pwrite_all(shard.fd, memoryview(recs[start:stop]).cast("B"), self._record_offset(first))
+            _pwrite_all(shard.fd, recs[start:stop].data.cast("B"), self._record_offset(first))
             self._touched.add(shard_no)
 
     def _runs(self, sorted_ids: np.ndarray) -> Iterator[tuple[int, int, int, int]]:

@@ -133,7 +133,8 @@ class VectorIndex:
         self.set_search_params(nprobe=nprobe, ef_search=ef_search, threads=threads)
 
     def _setup(self, index: faiss.IndexIDMap2, dim: int, factory: str, tombstones: np.ndarray) -> None:
-        self._index, self.dim, self.factory = index, dim, factory
+        self._index: Any = index  # IndexIDMap2, or its GPU clone
+        self.dim, self.factory = dim, factory
         self._lock = _RWLock()
         base = faiss.downcast_index(index.index)
         self._removable = _can_remove(base)
@@ -143,7 +144,7 @@ class VectorIndex:
         all_ids = faiss.vector_to_array(index.id_map).astype(np.int64)
         self._tombstones = np.unique(tombstones)
         self._live = np.setdiff1d(all_ids, self._tombstones)
-        self._params: faiss.SearchParameters | None = None
+        self._params: Any = None
         self._selector: Any = None
         self._refresh_params()
 
@@ -188,11 +189,13 @@ class VectorIndex:
             return
         batch = faiss.IDSelectorBatch(self._tombstones)
         self._selector = (batch, faiss.IDSelectorNot(batch))  # params do not own their selectors
-        hnsw = _top_hnsw(self._index.index)
-        if isinstance(faiss.downcast_index(self._index.index), faiss.IndexHNSW):
-            self._params = faiss.SearchParametersHNSW(sel=self._selector[1], efSearch=hnsw.hnsw.efSearch)
+        top = faiss.downcast_index(self._index.index)
+        if isinstance(top, faiss.IndexHNSW):  # its params type also carries efSearch, which would reset
+            self._params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
+            self._params.efSearch = top.hnsw.efSearch
         else:
-            self._params = faiss.SearchParameters(sel=self._selector[1])
+            self._params = faiss.SearchParameters()
+        self._params.sel = self._selector[1]
 
     # --- state ---------------------------------------------------------------------------------------
     @property
@@ -321,18 +324,13 @@ class VectorIndex:
         xb = faiss.rev_swig_ptr(self._flat.get_xb(), n * self.dim).reshape(n, self.dim)
         id_map = faiss.rev_swig_ptr(self._index.id_map.data(), n)
         qt = torch.from_numpy(q)
-        best_s = best_i = None
+        best_s, best_i = torch.empty((len(q), 0)), torch.empty((len(q), 0), dtype=torch.long)
         for start in range(0, n, _TORCH_BLOCK_ROWS):
             s = qt @ torch.from_numpy(xb[start : start + _TORCH_BLOCK_ROWS]).T  # [B, rows]
             top_s, top_i = torch.topk(s, min(k, s.shape[1]), dim=1)
-            top_i += start
-            if best_s is not None:
-                top_s, pick = torch.topk(
-                    torch.cat([best_s, top_s], 1), min(k, best_s.shape[1] + top_s.shape[1]), 1
-                )
-                top_i = torch.gather(torch.cat([best_i, top_i], 1), 1, pick)
-            best_s, best_i = top_s, top_i
-        assert best_s is not None and best_i is not None
+            cand_s, cand_i = torch.cat([best_s, top_s], 1), torch.cat([best_i, top_i + start], 1)
+            best_s, pick = torch.topk(cand_s, min(k, cand_s.shape[1]), dim=1)
+            best_i = torch.gather(cand_i, 1, pick)
         scores = np.full((len(q), k), -np.inf, np.float32)
         ids = np.full((len(q), k), -1, np.int64)
         scores[:, : best_s.shape[1]] = best_s.numpy()
@@ -352,7 +350,7 @@ class VectorIndex:
             options = faiss.GpuClonerOptions()
             options.useFloat16 = True
             try:
-                gpu_index = faiss.index_cpu_to_gpu(res, device, self._index, options)
+                gpu_index: Any = faiss.index_cpu_to_gpu(res, device, self._index, options)
             except RuntimeError as e:
                 logger.warning("factory %r cannot move to the GPU, staying on the CPU: %s", self.factory, e)
                 return False
@@ -474,20 +472,20 @@ def _atomic_save(index: faiss.Index, path: Path, manifest: dict[str, Any]) -> di
     committed = False
     try:
         digest = hashlib.sha256()
-        with open(tmp_index, "wb") as f:
+        with open(tmp_index, "wb") as out:
 
             def write(chunk: bytes) -> int:
                 digest.update(chunk)
-                return f.write(chunk)
+                return out.write(chunk)
 
-            faiss.write_index(index, faiss.PyCallbackIOWriter(write))
-            f.flush()
-            os.fsync(f.fileno())
+            faiss.write_index(index, faiss.PyCallbackIOWriter(write))  # type: ignore[attr-defined]
+            out.flush()
+            os.fsync(out.fileno())
         manifest = {**manifest, "sha256": digest.hexdigest()}
-        with open(tmp_manifest, "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
+        with open(tmp_manifest, "w") as text:
+            json.dump(manifest, text, indent=2, sort_keys=True)
+            text.flush()
+            os.fsync(text.fileno())
         os.replace(tmp_index, path)
         committed = True
         os.replace(tmp_manifest, _manifest_path(path))
@@ -522,7 +520,7 @@ def _read_verified(path: Path) -> tuple[dict[str, Any], np.ndarray]:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
         raise CorruptSnapshotError(f"cannot read {path} ({e}); rebuild it from the token store") from e
-    digest = hashlib.sha256(data).hexdigest()
+    digest = hashlib.sha256(data.data).hexdigest()
     candidates = [manifest_path, *sorted(path.parent.glob(f"{manifest_path.name}.tmp-*"))]
     for candidate in candidates:
         try:
