@@ -42,7 +42,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def _readable(error: dict[str, Any]) -> str:
-    where = ".".join(str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path"))
+    loc = list(error.get("loc", ()))
+    if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
+        loc = loc[1:]  # where the value came from; the field name is what a person needs
+    where = ".".join(str(part) for part in loc)
     message = str(error.get("msg", "is not valid")).removeprefix("Value error, ")
     return f"{where}: {message}" if where else message
 

@@ -57,12 +57,14 @@ class UrlFetcher:
         max_duration_s: float = 900.0,
         max_redirects: int = 5,
         resolver: Resolver = resolve_host,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.allow_private = allow_private
         self.timeout_s = timeout_s
         self.max_duration_s = max_duration_s
         self.max_redirects = max_redirects
         self._resolve = resolver
+        self._transport = transport  # tests answer from memory; None = real network
 
     async def _pin(self, url: httpx.URL) -> tuple[httpx.URL, dict[str, str], dict[str, str]]:
         if url.scheme not in ("http", "https"):
@@ -102,7 +104,9 @@ class UrlFetcher:
     async def _fetch(self, url: str, incoming: Path, limit: int) -> ReceivedFile:
         # trust_env=False: a proxy from the environment would connect on our behalf, unchecked.
         timeout = httpx.Timeout(self.timeout_s)
-        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+        async with httpx.AsyncClient(
+            timeout=timeout, follow_redirects=False, trust_env=False, transport=self._transport
+        ) as client:
             current = httpx.URL(url)
             for _ in range(self.max_redirects + 1):
                 target, headers, extensions = await self._pin(current)

@@ -1,0 +1,398 @@
+// Demo page for the video search API: search, results with score bars, playback, uploads, library.
+"use strict";
+
+const EXAMPLES = [
+  "a red square moves left, then a blue circle moves up",
+  "a green triangle moves right on a black background",
+  "a yellow circle moves down, then a purple cross moves left",
+  "something moves up on a striped background",
+];
+const KEY_STORAGE = "tvs-api-key";
+const $ = (id) => document.getElementById(id);
+
+const state = { health: null, lastQuery: "", searching: false };
+
+// ---- helpers ------------------------------------------------------------------------------------
+function fmtTime(seconds) {
+  if (seconds == null || !isFinite(seconds)) return "–";
+  const s = Math.max(0, seconds);
+  const m = Math.floor(s / 60);
+  const rest = s - m * 60;
+  return `${m}:${rest < 10 ? "0" : ""}${rest.toFixed(rest < 10 && rest % 1 ? 1 : 0)}`;
+}
+
+function fmtBytes(n) {
+  if (n == null) return "";
+  const units = ["B", "KB", "MB", "GB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+}
+
+async function errorText(response) {
+  try {
+    const body = await response.json();
+    if (body.message) return body.message;
+    if (typeof body.detail === "string") return body.detail;
+    if (Array.isArray(body.detail)) return body.detail.map((d) => d.msg).join("; ");
+  } catch (_) { /* not JSON */ }
+  return `The server answered ${response.status} ${response.statusText}`;
+}
+
+function showMessage(text, kind) {
+  const el = $("message");
+  el.hidden = !text;
+  el.textContent = text || "";
+  el.className = `message ${kind || ""}`;
+}
+
+function apiKeyHeaders() {
+  const key = sessionStorage.getItem(KEY_STORAGE) || $("upload-key").value.trim();
+  return key ? { "X-API-Key": key } : {};
+}
+
+// ---- health -------------------------------------------------------------------------------------
+async function refreshHealth() {
+  try {
+    const response = await fetch("/health");
+    const body = await response.json();
+    state.health = body;
+    const ready = response.ok && body.ready;
+    $("status-dot").className = `dot ${ready ? "ok" : "warn"}`;
+    $("status-text").textContent = ready
+      ? `${body.index.size.toLocaleString()} moments indexed · ${body.model.id} · ${body.model.device}`
+      : "starting…";
+    $("apikey-field").hidden = !body.auth_required;
+    if (body.auth_required && sessionStorage.getItem(KEY_STORAGE)) {
+      $("upload-key").value = sessionStorage.getItem(KEY_STORAGE);
+    }
+  } catch (_) {
+    $("status-dot").className = "dot bad";
+    $("status-text").textContent = "server unreachable";
+  }
+}
+
+// ---- search -------------------------------------------------------------------------------------
+async function search(query) {
+  query = query.trim();
+  if (!query) {
+    showMessage("Type a few words describing the moment you are looking for.", "info");
+    return;
+  }
+  state.lastQuery = query;
+  state.searching = true;
+  $("search-button").disabled = true;
+  $("summary").textContent = "Searching…";
+  const body = {
+    query,
+    limit: Number($("opt-limit").value),
+    rerank: $("opt-rerank").checked,
+    group_by: $("opt-group").checked ? "video" : "segment",
+  };
+  try {
+    const response = await fetch("/search", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    if (!response.ok) {
+      $("summary").textContent = "";
+      $("results").replaceChildren();
+      showMessage(await errorText(response), "error");
+      return;
+    }
+    renderResults(await response.json());
+  } catch (err) {
+    showMessage(`The search could not reach the server (${err.message}).`, "error");
+  } finally {
+    state.searching = false;
+    $("search-button").disabled = false;
+  }
+}
+
+function renderResults(data) {
+  const list = $("results");
+  list.replaceChildren();
+  const t = data.timings_ms;
+  $("timings").textContent = ["encode", "faiss", "tokens", "rerank"]
+    .map((k) => `${k} ${t[k].toFixed(1)} ms`).join(" · ") + ` · total ${t.total.toFixed(1)} ms`;
+  if (!data.results.length) {
+    $("summary").textContent = "";
+    const empty = state.health && state.health.index && state.health.index.size === 0;
+    showMessage(empty
+      ? "Your library is empty. Upload a video on the right; it becomes searchable as soon as it is indexed."
+      : "Nothing matched. Try other words, or fewer filters.", "info");
+    return;
+  }
+  showMessage("");
+  const reranked = data.model.reranked ? ` · re-ranked top ${data.model.top_k} with the focused view` : "";
+  $("summary").textContent = `${data.results.length} moment${data.results.length === 1 ? "" : "s"} for “${data.query}”${reranked}`;
+  const scores = data.results.map((r) => r.broad_score).concat(data.results.map((r) => r.score));
+  const lo = Math.min(0, ...scores);
+  const hi = Math.max(...scores, lo + 1e-6);
+  const pct = (v) => `${(100 * (v - lo)) / (hi - lo)}%`;
+  const template = $("result-template");
+  for (const r of data.results) {
+    const item = template.content.firstElementChild.cloneNode(true);
+    item.dataset.videoId = r.video_id;
+    item.dataset.segmentId = r.segment_id;
+    const img = item.querySelector("img");
+    if (r.thumbnail_url) img.src = r.thumbnail_url; else img.classList.add("missing");
+    item.querySelector(".range").textContent = `${fmtTime(r.start)} – ${fmtTime(r.end)}`;
+    item.querySelector(".rank").textContent = `#${r.rank}`;
+    item.querySelector(".card-title").textContent = r.title || `Video ${r.video_id}`;
+    // The bar: broad score, then the focused view's correction drawn from there (green up, red down).
+    const broad = item.querySelector(".scorebar-broad");
+    const delta = item.querySelector(".scorebar-delta");
+    broad.style.width = pct(r.broad_score);
+    if (r.delta != null && r.delta !== 0) {
+      const from = pct(Math.min(r.broad_score, r.score));
+      const to = pct(Math.max(r.broad_score, r.score));
+      delta.style.left = from;
+      delta.style.width = `calc(${to} - ${from})`;
+      delta.classList.add(r.delta > 0 ? "up" : "down");
+    }
+    const deltaText = r.delta == null ? "" : ` ${r.delta >= 0 ? "+" : "−"} ${Math.abs(r.delta).toFixed(3)}`;
+    item.querySelector(".scorebar").setAttribute("aria-label",
+      `broad score ${r.broad_score.toFixed(3)}, focused correction${deltaText || " none"}`);
+    item.querySelector(".score").textContent = `${r.score.toFixed(3)} = ${r.broad_score.toFixed(3)}${deltaText}`;
+    const moved = r.broad_rank - r.rank;
+    const movedEl = item.querySelector(".moved");
+    if (r.delta == null) movedEl.textContent = "broad view";
+    else if (moved > 0) { movedEl.textContent = `▲ ${moved}`; movedEl.classList.add("up"); }
+    else if (moved < 0) { movedEl.textContent = `▼ ${-moved}`; movedEl.classList.add("down"); }
+    else movedEl.textContent = "● kept";
+    movedEl.title = `broad-view rank ${r.broad_rank}, now ${r.rank}`;
+    item.querySelector(".card-button").addEventListener("click", () => play(r));
+    list.appendChild(item);
+    if (r.evidence_time != null) queueEvidence(item, r);
+  }
+}
+
+// ---- evidence frames: the moment the focused view looked at, drawn from the video itself -------
+const evidenceQueue = [];
+let evidenceBusy = false;
+
+function queueEvidence(item, r) {
+  evidenceQueue.push({ item, r });
+  if (!evidenceBusy) drainEvidence();
+}
+
+async function drainEvidence() {
+  evidenceBusy = true;
+  while (evidenceQueue.length) {
+    const { item, r } = evidenceQueue.shift();
+    if (!item.isConnected) continue;
+    try { await drawEvidence(item, r); } catch (_) { /* keep the thumbnail */ }
+  }
+  evidenceBusy = false;
+}
+
+function drawEvidence(item, r) {
+  return new Promise((resolve, reject) => {
+    const video = document.createElement("video");
+    video.muted = true;
+    video.preload = "auto";
+    const done = (ok) => { video.removeAttribute("src"); video.load(); ok ? resolve() : reject(); };
+    const timer = setTimeout(() => done(false), 5000);
+    video.addEventListener("error", () => { clearTimeout(timer); done(false); });
+    video.addEventListener("loadedmetadata", () => { video.currentTime = Math.min(r.evidence_time, video.duration || r.evidence_time); });
+    video.addEventListener("seeked", () => {
+      clearTimeout(timer);
+      const canvas = item.querySelector(".evidence-frame");
+      canvas.width = video.videoWidth;
+      canvas.height = video.videoHeight;
+      canvas.getContext("2d").drawImage(video, 0, 0);
+      canvas.hidden = false;
+      canvas.title = `the frame the focused view weighted most (${fmtTime(r.evidence_time)})`;
+      item.querySelector("img").hidden = true;
+      item.classList.add("has-evidence");
+      done(true);
+    }, { once: true });
+    video.src = r.media_url.split("#")[0];
+  });
+}
+
+// ---- player -------------------------------------------------------------------------------------
+function play(r) {
+  const video = $("player-video");
+  $("player").hidden = false;
+  $("player-title").textContent = r.title || `Video ${r.video_id}`;
+  $("player-range").textContent = `${fmtTime(r.start)} – ${fmtTime(r.end)} · rank ${r.rank} (broad view ${r.broad_rank})`;
+  $("player-note").textContent = r.evidence_time != null
+    ? `The focused view looked hardest at ${fmtTime(r.evidence_time)} (marked on the timeline).` : "";
+  video.src = r.media_url; // carries #t=start,end, so the browser starts (and stops) at the moment
+  const place = () => {
+    const d = video.duration;
+    if (!d || !isFinite(d)) return;
+    const seg = $("timeline-segment");
+    seg.style.left = `${(100 * r.start) / d}%`;
+    seg.style.width = `${(100 * (r.end - r.start)) / d}%`;
+    const ev = $("timeline-evidence");
+    ev.hidden = r.evidence_time == null;
+    if (r.evidence_time != null) ev.style.left = `${(100 * r.evidence_time) / d}%`;
+  };
+  video.addEventListener("loadedmetadata", place, { once: true });
+  video.play().catch(() => { /* autoplay refused: the controls are there */ });
+  $("player").scrollIntoView({ behavior: "smooth", block: "nearest" });
+}
+
+// ---- upload -------------------------------------------------------------------------------------
+function setUploadState(text, fraction, kind) {
+  $("upload-progress").hidden = false;
+  $("upload-state").textContent = text;
+  $("upload-state").className = `small ${kind || ""}`;
+  $("upload-fill").style.width = `${Math.round(100 * (fraction || 0))}%`;
+  $("upload-fill").className = `progress-fill ${kind || ""}`;
+}
+
+function upload(file, title) {
+  const form = new FormData();
+  form.append("file", file);
+  if (title) form.append("title", title);
+  const key = $("upload-key").value.trim();
+  if (key) sessionStorage.setItem(KEY_STORAGE, key);
+  // XMLHttpRequest, because fetch() reports no upload progress.
+  const xhr = new XMLHttpRequest();
+  xhr.open("POST", "/videos");
+  for (const [name, value] of Object.entries(apiKeyHeaders())) xhr.setRequestHeader(name, value);
+  xhr.upload.addEventListener("progress", (e) => {
+    if (e.lengthComputable) setUploadState(`Uploading ${fmtBytes(e.loaded)} of ${fmtBytes(e.total)}`, (0.5 * e.loaded) / e.total);
+  });
+  xhr.addEventListener("error", () => setUploadState("The upload failed: the server could not be reached.", 0, "error"));
+  xhr.addEventListener("load", async () => {
+    let body = {};
+    try { body = JSON.parse(xhr.responseText); } catch (_) { /* not JSON */ }
+    $("upload-button").disabled = false;
+    if (xhr.status === 200 && body.duplicate_of != null) {
+      setUploadState(`Already in your library (video ${body.duplicate_of}, ${body.status}).`, 1, "ok");
+      refreshLibrary();
+      return;
+    }
+    if (xhr.status !== 202) {
+      const text = body.message || (typeof body.detail === "string" ? body.detail : `error ${xhr.status}`);
+      setUploadState(`Upload refused: ${text}`, 0, "error");
+      return;
+    }
+    setUploadState("Uploaded. Waiting for the indexer…", 0.5);
+    refreshLibrary();
+    await followJob(body.job_id);
+  });
+  $("upload-button").disabled = true;
+  setUploadState("Starting upload…", 0);
+  xhr.send(form);
+}
+
+async function followJob(jobId) {
+  const labels = { queued: "Queued", decoding: "Decoding frames", encoding: "Encoding", ready: "Ready", failed: "Failed" };
+  for (;;) {
+    let job;
+    try {
+      const response = await fetch(`/jobs/${jobId}`);
+      if (!response.ok) { setUploadState(await errorText(response), 0, "error"); return; }
+      job = await response.json();
+    } catch (_) {
+      await new Promise((r) => setTimeout(r, 1000));
+      continue;
+    }
+    if (job.state === "ready") {
+      setUploadState("Ready: the video is searchable now.", 1, "ok");
+      refreshLibrary();
+      refreshHealth();
+      return;
+    }
+    if (job.state === "failed") {
+      setUploadState(`Indexing failed: ${job.error || "unknown reason"}`, 1, "error");
+      refreshLibrary();
+      return;
+    }
+    const retry = job.attempts > 1 ? ` (attempt ${job.attempts} of ${job.max_attempts})` : "";
+    setUploadState(`${labels[job.state] || job.state}${retry}…`, 0.5 + 0.5 * job.progress);
+    await new Promise((r) => setTimeout(r, 400));
+  }
+}
+
+// ---- library ------------------------------------------------------------------------------------
+async function refreshLibrary() {
+  try {
+    const response = await fetch("/videos?limit=50");
+    if (!response.ok) return;
+    const page = await response.json();
+    const list = $("library");
+    list.replaceChildren();
+    $("library-empty").hidden = page.count > 0;
+    for (const v of page.data) {
+      const li = document.createElement("li");
+      const img = document.createElement("img");
+      img.alt = "";
+      if (v.thumbnail_url) img.src = v.thumbnail_url; else img.classList.add("missing");
+      const text = document.createElement("div");
+      text.className = "library-text";
+      const name = document.createElement("span");
+      name.className = "library-title";
+      name.textContent = v.title || v.filename || `Video ${v.id}`;
+      const meta = document.createElement("span");
+      meta.className = `badge ${v.status}`;
+      meta.textContent = v.status;
+      if (v.error) meta.title = v.error;
+      const info = document.createElement("span");
+      info.className = "muted small";
+      info.textContent = [v.duration != null ? fmtTime(v.duration) : "", fmtBytes(v.size_bytes)].filter(Boolean).join(" · ");
+      text.append(name, info);
+      li.append(img, text, meta);
+      list.appendChild(li);
+    }
+    if (page.count > page.data.length) {
+      const more = document.createElement("li");
+      more.className = "muted small";
+      more.textContent = `and ${page.count - page.data.length} more`;
+      list.appendChild(more);
+    }
+  } catch (_) { /* the status chip already says the server is unreachable */ }
+}
+
+// ---- wiring -------------------------------------------------------------------------------------
+function init() {
+  const examples = $("examples");
+  for (const text of EXAMPLES) {
+    const chip = document.createElement("button");
+    chip.type = "button";
+    chip.className = "chip";
+    chip.textContent = text;
+    chip.addEventListener("click", () => { $("query").value = text; search(text); });
+    examples.appendChild(chip);
+  }
+  $("search-form").addEventListener("submit", (e) => { e.preventDefault(); search($("query").value); });
+  for (const id of ["opt-rerank", "opt-group", "opt-limit"]) {
+    $(id).addEventListener("change", () => { if (state.lastQuery) search(state.lastQuery); });
+  }
+  $("player-close").addEventListener("click", () => { $("player-video").pause(); $("player").hidden = true; });
+  $("upload-file").addEventListener("change", () => {
+    const file = $("upload-file").files[0];
+    $("drop-text").textContent = file ? `${file.name} · ${fmtBytes(file.size)}` : "Choose a video or drop it here";
+  });
+  $("upload-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const file = $("upload-file").files[0];
+    if (!file) { setUploadState("Choose a video file first.", 0, "error"); return; }
+    upload(file, $("upload-title").value.trim());
+  });
+  const drop = $("drop");
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    if (e.dataTransfer.files.length) {
+      $("upload-file").files = e.dataTransfer.files;
+      $("upload-file").dispatchEvent(new Event("change"));
+    }
+  });
+  $("library-refresh").addEventListener("click", refreshLibrary);
+  refreshHealth();
+  refreshLibrary();
+  setInterval(refreshHealth, 15000);
+  $("query").focus();
+}
+
+document.addEventListener("DOMContentLoaded", init);

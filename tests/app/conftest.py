@@ -1,0 +1,237 @@
+"""Service fixtures: migrated SQLite/PostgreSQL catalogs, generated clips, and running apps with the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, create_engine, pool
+from sqlalchemy.engine import make_url
+
+from app.main import create_app
+from app.settings import Settings
+from indexer.db import upgrade_database
+
+DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+JOB_TIMEOUT_S = 60.0
+
+
+def postgres_admin_url() -> str:
+    return os.environ.get("TVS_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+
+
+def _admin_engine() -> Engine:
+    # CREATE/DROP DATABASE cannot run inside a transaction.
+    return create_engine(
+        postgres_admin_url(),
+        isolation_level="AUTOCOMMIT",
+        poolclass=pool.NullPool,
+        connect_args={"connect_timeout": 3},
+    )
+
+
+def create_postgres_database(template: str | None = None) -> str:
+    name = f"tvs_app_test_{uuid.uuid4().hex[:16]}"
+    engine = _admin_engine()
+    try:
+        with engine.connect() as connection:
+            connection.exec_driver_sql(
+                f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else "")
+            )
+    finally:
+        engine.dispose()
+    return make_url(postgres_admin_url()).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_postgres_database(url: str) -> None:
+    engine = _admin_engine()
+    try:
+        with engine.connect() as connection:
+            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {make_url(url).database} WITH (FORCE)")
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_available() -> None:
+    engine = _admin_engine()
+    try:
+        with engine.connect():
+            pass
+    except Exception as e:  # any driver or network failure means "not available here"
+        pytest.skip(f"PostgreSQL unreachable at TVS_TEST_POSTGRES_URL ({postgres_admin_url()}): {e}")
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Migrate once, copy the file per test: much cheaper than running Alembic every time.
+    path = tmp_path_factory.mktemp("sqlite_template") / "catalog.db"
+    upgrade_database(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_template(postgres_available: None) -> Iterator[str]:
+    url = create_postgres_database()
+    try:
+        upgrade_database(url)
+        yield str(make_url(url).database)
+    finally:
+        drop_postgres_database(url)
+
+
+@pytest.fixture(scope="session")
+def new_database(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[str], str]]:
+    """`new_database("sqlite" | "postgres")` -> the URL of a fresh migrated catalog, dropped at the end."""
+    made: list[str] = []
+
+    def make(backend: str) -> str:
+        if backend == "sqlite":
+            template = request.getfixturevalue("sqlite_template")
+            path = tmp_path_factory.mktemp("db") / "catalog.db"
+            shutil.copyfile(template, path)
+            return f"sqlite:///{path}"
+        url = create_postgres_database(template=request.getfixturevalue("postgres_template"))
+        made.append(url)
+        return url
+
+    yield make
+    for url in made:
+        drop_postgres_database(url)
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request: pytest.FixtureRequest, new_database: Callable[[str], str]) -> str:
+    """A migrated catalog on each backend."""
+    return new_database(request.param)
+
+
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Two generated families (12 small clips): manifest lines with an absolute `path`."""
+    from indexer.synth import generate_library
+
+    out = tmp_path_factory.mktemp("clips")
+    summary = generate_library(out, families=2, seed=11, holdout=0.5, size=64, workers=1)
+    lines = [json.loads(line) for line in summary.manifest.read_text().splitlines()]
+    return [{**line, "path": out / line["video"]} for line in lines]
+
+
+@pytest.fixture(scope="session")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from indexer.synth_media import write_hostile_files
+
+    return write_hostile_files(tmp_path_factory.mktemp("hostile"))
+
+
+def make_settings(data_dir: Path, db_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = dict(
+        data_dir=data_dir,
+        database_url=db_url,
+        model="tiny",
+        batch_max_wait_ms=2.0,
+        follow_interval_s=0.1,
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+@contextmanager
+def running(
+    settings: Settings, overrides: dict[Callable[..., Any], Callable[..., Any]] | None = None
+) -> Iterator[TestClient]:
+    app = create_app(settings)
+    app.dependency_overrides.update(overrides or {})
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def launch() -> Callable[..., Any]:
+    """`with launch(data_dir, db_url, dependency_overrides=None, **settings) as client:` for any scope."""
+
+    def start(data_dir: Path, db_url: str, dependency_overrides: Any = None, **overrides: Any) -> Any:
+        return running(make_settings(data_dir, db_url, **overrides), dependency_overrides)
+
+    return start
+
+
+@pytest.fixture
+def service(tmp_path: Path, db_url: str) -> Callable[..., Any]:
+    """`with service(**settings) as client:` a running app on a fresh data dir and catalog."""
+
+    def start(**overrides: Any) -> Any:
+        deps = overrides.pop("dependency_overrides", None)
+        return running(make_settings(tmp_path / "data", db_url, **overrides), deps)
+
+    return start
+
+
+class Api:
+    """HTTP helpers the tests share (a fixture, since tests do not import conftest)."""
+
+    @staticmethod
+    def upload(client: TestClient, path: Path, title: str | None = None, **headers: str) -> Any:
+        with open(path, "rb") as f:
+            data = {"title": title} if title else {}
+            return client.post(
+                "/videos", files={"file": (path.name, f, "video/mp4")}, data=data, headers=headers
+            )
+
+    @staticmethod
+    def wait_job(client: TestClient, job_id: int, timeout: float = JOB_TIMEOUT_S) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        job: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            job = client.get(f"/jobs/{job_id}").json()
+            if job["state"] in ("ready", "failed"):
+                return job
+            time.sleep(0.05)
+        raise AssertionError(f"job {job_id} did not finish within {timeout} s: {job}")
+
+    @staticmethod
+    def search(client: TestClient, query: str = "anything", **body: Any) -> Any:
+        return client.post("/search", json={"query": query, **body})
+
+    def wait_searchable(self, client: TestClient, video_ids: set[int], timeout: float = 5.0) -> None:
+        """Until every video has a segment in this process's index (the change feed applied it)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            body = self.search(client, limit=100, rerank=False).json()
+            if video_ids <= {r["video_id"] for r in body["results"]}:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"videos {video_ids} not searchable within {timeout} s")
+
+    def ingest(self, client: TestClient, paths: list[Path], titles: list[str] | None = None) -> list[int]:
+        """Upload files, wait for their jobs and for the index; the new video ids in order."""
+        ids, job_ids = [], []
+        for n, path in enumerate(paths):
+            r = self.upload(client, path, titles[n] if titles else None)
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["video_id"])
+            job_ids.append(r.json()["job_id"])
+        for job_id in job_ids:
+            job = self.wait_job(client, job_id)
+            assert job["state"] == "ready", job
+        self.wait_searchable(client, set(ids))
+        return ids
+
+
+@pytest.fixture(scope="session")
+def api() -> Api:
+    return Api()
