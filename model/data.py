@@ -1,0 +1,360 @@
+"""Training and evaluation data: manifest and MSR-VTT readers, a decoded-frame cache, a batch sampler."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import random
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# (resolved video path, start, end): one decoded clip, shared by every caption that points at it.
+ClipKey = tuple[str, "float | None", "float | None"]
+Decoder = Callable[..., np.ndarray]  # read_clip(path, num_frames, size, start=None, end=None)
+
+
+class ManifestError(ValueError):
+    """A manifest line or an annotation file is malformed, or names a video that does not exist."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    video_path: Path
+    caption: str
+    start: float | None = None
+    end: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def clip(self) -> ClipKey:
+        return (str(self.video_path), self.start, self.end)
+
+
+def read_manifest(path: str | os.PathLike[str], require_videos: bool = True) -> list[Sample]:
+    """JSONL lines {"video", "caption", optional "start"/"end", any extra keys (kept in meta)}."""
+    path = Path(path)
+    samples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ManifestError(
+                    f"{where}: not valid JSON ({e.msg}); expected one JSON object per line"
+                ) from e
+            if not isinstance(row, dict) or not isinstance(row.get("video"), str):
+                raise ManifestError(f'{where}: expected an object with a "video" path string')
+            if not isinstance(row.get("caption"), str) or not row["caption"].strip():
+                raise ManifestError(f'{where}: expected a non-empty "caption" string')
+            times = [row.get(k) for k in ("start", "end")]
+            if any(t is not None and not isinstance(t, (int, float)) for t in times):
+                raise ManifestError(f'{where}: "start"/"end" must be numbers of seconds, got {times}')
+            start, end = (float(t) if t is not None else None for t in times)
+            if start is not None and end is not None and end <= start:
+                raise ManifestError(f"{where}: end ({end}) must be after start ({start})")
+            video = Path(row["video"]) if os.path.isabs(row["video"]) else path.parent / row["video"]
+            if require_videos and not video.is_file():
+                raise ManifestError(
+                    f"{where}: video {video} does not exist (paths are relative to {path.parent})"
+                )
+            meta = {k: v for k, v in row.items() if k not in ("video", "caption", "start", "end")}
+            samples.append(Sample(video.resolve(), row["caption"].strip(), start, end, meta))
+    if not samples:
+        raise ManifestError(f"{path} holds no samples; expected JSONL lines with video and caption")
+    return samples
+
+
+MSRVTT_SPLITS = ("train-9k", "test-1k-A", "train", "val", "test")
+
+
+def read_msrvtt(
+    root: str | os.PathLike[str],
+    split: str = "test-1k-A",
+    videos_dir: str | os.PathLike[str] | None = None,
+    require_videos: bool = True,
+) -> list[Sample]:
+    """MSR-VTT from its release files in `root`; videos are `videos_dir/videoNNNN.mp4` (default root/videos).
+
+    test-1k-A: MSRVTT_JSFUSION_test.csv (one caption per video); train-9k: every caption of the videos in
+    MSRVTT_train.9k.csv; train/val/test: the official split of the *_videodatainfo.json files.
+    """
+    root = Path(root)
+    vdir = Path(videos_dir) if videos_dir is not None else root / "videos"
+    if split not in MSRVTT_SPLITS:
+        raise ManifestError(f"unknown MSR-VTT split {split!r}; expected one of {MSRVTT_SPLITS}")
+    rows: list[tuple[str, str, dict[str, Any]]] = []  # (video id, caption, meta)
+    if split == "test-1k-A":
+        for r in _read_csv(root / "MSRVTT_JSFUSION_test.csv", ("video_id", "sentence")):
+            rows.append((r["video_id"], r["sentence"], {"video_id": r["video_id"], "key": r["key"]}))
+    else:
+        wanted = None
+        if split == "train-9k":
+            wanted = {r["video_id"] for r in _read_csv(root / "MSRVTT_train.9k.csv", ("video_id",))}
+        tv, test = "train_val_videodatainfo.json", "test_videodatainfo.json"
+        files = {"train-9k": [tv, test], "train": [tv], "val": [tv], "test": [test]}[split]
+        official = {"val": "validate"}.get(split, split)
+        for name in files:
+            info = _read_json(root / name)
+            videos = {v["video_id"]: v for v in info["videos"]}
+            for s in info["sentences"]:
+                v = videos.get(s["video_id"])
+                if v is None or (wanted is not None and s["video_id"] not in wanted):
+                    continue
+                if wanted is None and v["split"] != official:
+                    continue
+                meta = {"video_id": s["video_id"], "sen_id": s["sen_id"], "category": v.get("category")}
+                rows.append((s["video_id"], s["caption"], meta))
+    # "start time"/"end time" in the JSON locate the clip in its YouTube source; the released files are
+    # already cut, so every sample is the whole file.
+    vdir = vdir.resolve()
+    paths = {vid: vdir / f"{vid}.mp4" for vid in dict.fromkeys(r[0] for r in rows)}
+    samples = [Sample(paths[vid], cap.strip(), None, None, meta) for vid, cap, meta in rows]
+    if require_videos:
+        missing = sorted(str(p) for p in paths.values() if not p.is_file())
+        if missing:
+            raise ManifestError(
+                f"{len(missing)} MSR-VTT videos of split {split!r} are missing, e.g. {missing[0]}; "
+                "put videoNNNN.mp4 files there or pass the folder holding them (videos_dir / --msrvtt-videos)"
+            )
+    return samples
+
+
+def _read_csv(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError as e:
+        raise ManifestError(f"{path} not found; expected MSR-VTT's release files in {path.parent}") from e
+    if rows and not set(columns) <= set(rows[0]):
+        raise ManifestError(f"{path}: expected columns {list(columns)}, got {list(rows[0])}")
+    return rows
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ManifestError(f"{path} not found; expected MSR-VTT's release files in {path.parent}") from e
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: not valid JSON ({e.msg})") from e
+    if not isinstance(data, dict) or "videos" not in data or "sentences" not in data:
+        raise ManifestError(f'{path}: expected an object with "videos" and "sentences" lists')
+    return data
+
+
+def default_cache_dir() -> Path:
+    """Where decoded clips are kept between runs: $XDG_CACHE_HOME/tokenbinder/frames (or ~/.cache/...)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tokenbinder" / "frames"
+
+
+class FrameCache:
+    """Decoded clips as uint8 [T, S, S, 3] .npy files, memory-mapped on read.
+
+    Keyed by path + mtime + size + T + S + start/end, so a cache survives across runs and epochs and a changed
+    file is decoded again. Failures are remembered the same way (a .err file with the reason).
+    """
+
+    def __init__(
+        self, directory: str | os.PathLike[str], num_frames: int, size: int, decoder: Decoder | None = None
+    ) -> None:
+        self.directory = Path(directory)
+        self.num_frames, self.size = num_frames, size
+        self._decoder = decoder
+
+    def _file(self, clip: ClipKey, suffix: str) -> Path:
+        path, start, end = clip
+        st = os.stat(path)
+        ident = f"{path}|{st.st_mtime_ns}|{st.st_size}|{self.num_frames}|{self.size}|{start}|{end}"
+        key = hashlib.sha1(ident.encode()).hexdigest()
+        return self.directory / key[:2] / f"{key}{suffix}"
+
+    def load(self, clip: ClipKey) -> np.ndarray:
+        return np.load(self._file(clip, ".npy"), mmap_mode="r")
+
+    def fill(self, clips: Sequence[ClipKey], workers: int = 2, progress: bool = True) -> dict[ClipKey, str]:
+        """Decode every clip not yet cached; returns {clip: reason} for those that cannot be decoded."""
+        failures: dict[ClipKey, str] = {}
+        todo = []
+        for clip in dict.fromkeys(clips):
+            try:
+                npy, err = self._file(clip, ".npy"), self._file(clip, ".err")
+            except OSError as e:
+                failures[clip] = f"cannot stat: {e}"
+                continue
+            if err.is_file():
+                failures[clip] = err.read_text()
+            elif not npy.is_file():
+                todo.append((clip, npy, err))
+        if todo:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), desc="decoding clips", unit="clip", disable=not progress)
+            with ThreadPoolExecutor(max(1, workers)) as pool:
+                for clip, reason in pool.map(self._decode_one, todo):
+                    if reason is not None:
+                        failures[clip] = reason
+                    bar.update()
+            bar.close()
+        for clip, reason in failures.items():
+            logger.warning("skipping %s: %s", clip[0], reason)
+        return failures
+
+    def _decode_one(self, job: tuple[ClipKey, Path, Path]) -> tuple[ClipKey, str | None]:
+        from model.video_io import VideoDecodeError
+
+        clip, npy, err = job
+        decode = self._decoder
+        if decode is None:
+            from model.video_io import read_clip as decode
+        npy.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            frames = decode(clip[0], self.num_frames, self.size, start=clip[1], end=clip[2])
+        except (VideoDecodeError, OSError, ValueError, RuntimeError) as e:
+            reason = f"{type(e).__name__}: {e}"
+            err.write_text(reason)
+            return clip, reason
+        expected = (self.num_frames, self.size, self.size, 3)
+        if frames.shape != expected or frames.dtype != np.uint8:
+            return clip, f"decoder returned {frames.dtype} {frames.shape}, expected uint8 {expected}"
+        tmp = npy.with_name(f"{npy.stem}.{os.getpid()}.tmp.npy")
+        np.save(tmp, frames)
+        os.replace(tmp, npy)
+        return clip, None
+
+
+class ClipSet:
+    """Samples whose clips decoded, each mapped to its clip; frames are read from the cache on demand."""
+
+    def __init__(self, samples: Sequence[Sample], cache: FrameCache, failures: dict[ClipKey, str]) -> None:
+        self.samples = [s for s in samples if s.clip not in failures]
+        self.failures = failures
+        self.cache = cache
+        self.clips: list[ClipKey] = list(dict.fromkeys(s.clip for s in self.samples))
+        index = {c: i for i, c in enumerate(self.clips)}
+        self.clip_index = np.array([index[s.clip] for s in self.samples], dtype=np.int64)
+        self._maps: dict[int, np.ndarray] = {}
+
+    def frames(self, clip_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """uint8 [B, T, S, S, 3] for the given clip indices."""
+        out = []
+        for c in np.asarray(clip_ids).tolist():
+            if c not in self._maps:
+                self._maps[c] = self.cache.load(self.clips[c])
+            out.append(self._maps[c])
+        return np.stack(out)
+
+
+def prepare_clips(
+    samples: Sequence[Sample], cache: FrameCache, workers: int = 2, progress: bool = True
+) -> ClipSet:
+    """Decode (once, into the cache) every distinct clip of the samples; undecodable ones are dropped."""
+    failures = cache.fill([s.clip for s in samples], workers=workers, progress=progress)
+    clipset = ClipSet(samples, cache, failures)
+    if failures:
+        logger.warning(
+            "%d of %d clips could not be decoded and were skipped",
+            len(failures),
+            len(failures) + len(clipset.clips),
+        )
+    return clipset
+
+
+class UniqueVideoBatchSampler:
+    """Shuffled batches in which no two samples share a video (they would be each other's false negatives).
+
+    `groups` (optional, one label per sample) keeps samples with the same label next to each other so they
+    tend to share a batch: hard in-batch negatives, e.g. a synthetic family's near-identical siblings.
+    Batches are a function of (seed, epoch) only, so every process and a resumed run see the same order.
+    """
+
+    def __init__(
+        self,
+        videos: Sequence[Hashable],
+        batch_size: int,
+        seed: int = 0,
+        drop_last: bool = True,
+        groups: Sequence[Hashable] | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.videos, self.batch_size, self.seed, self.drop_last = list(videos), batch_size, seed, drop_last
+        self.groups = list(groups) if groups is not None else None
+        self.epoch = 0
+        self._memo: tuple[int, list[list[int]]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self, rng: random.Random) -> list[int]:
+        if self.groups is None:
+            order = list(range(len(self.videos)))
+            rng.shuffle(order)
+            return order
+        members: dict[Hashable, list[int]] = {}
+        for i, g in enumerate(self.groups):
+            members.setdefault(g, []).append(i)
+        keys = list(members)
+        rng.shuffle(keys)
+        order = []
+        for g in keys:
+            rng.shuffle(members[g])
+            order.extend(members[g])
+        return order
+
+    def _batches(self) -> list[list[int]]:
+        if self._memo is not None and self._memo[0] == self.epoch:
+            return self._memo[1]
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        size, videos = self.batch_size, self.videos
+        batches: list[list[int]] = []
+        batch: list[int] = []
+        seen: set[Hashable] = set()
+        waiting: list[int] = []  # samples whose video is already in the open batch
+
+        def drain() -> None:
+            nonlocal batch, seen, waiting
+            while True:
+                rest = []
+                for j in waiting:
+                    if len(batch) < size and videos[j] not in seen:
+                        batch.append(j)
+                        seen.add(videos[j])
+                    else:
+                        rest.append(j)
+                waiting = rest
+                if len(batch) < size:
+                    return
+                batches.append(batch)
+                batch, seen = [], set()
+
+        for i in self._order(rng):
+            waiting.append(i)
+            drain()
+        while batch or waiting:
+            batches.append(batch)  # a short batch: what is left conflicts with it
+            batch, seen = [], set()
+            drain()
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == size]
+        self._memo = (self.epoch, batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
