@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +110,18 @@ class Encoder:
 
 
 # --- writer ---------------------------------------------------------------------------------------------
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An exclusive flock, between processes and between threads (each open() is its own lock holder)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def save_thumbnail(path: Path, rgb: np.ndarray, quality: int = 85) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -150,7 +164,12 @@ class Writer:
             ids = catalog.allocate_segment_ids(session, len(segments))
             session.commit()
         data.write_pending(self.model_id, vid, ids)
-        self.store.put_many(ids, np.stack([s.tokens for s in segments]), np.stack([s.cls for s in segments]))
+        with _exclusive(data.tokens_dir(self.model_id) / ".writer.lock"):
+            # Serialised across workers: two stores creating the same new shard file at once
+            # would replace each other's file (and lose records).
+            self.store.put_many(
+                ids, np.stack([s.tokens for s in segments]), np.stack([s.cls for s in segments])
+            )
         self.store.flush()  # tokens durable before the rows that make them searchable
         rows = [
             NewSegment(i, s.ordinal, s.start_s, s.end_s, data.thumb_relpath(vid, s.ordinal))
