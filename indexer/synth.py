@@ -1,0 +1,286 @@
+"""A seeded sample library of two-event clips whose captions hinge on colour, shape, background, motion and order."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from indexer.synth_media import encode_frames, write_hostile_files, write_pattern_video
+
+logger = logging.getLogger(__name__)
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "yellow": (235, 210, 30),
+    "green": (40, 170, 60),
+    "cyan": (30, 200, 210),
+    "blue": (40, 70, 230),
+    "purple": (160, 60, 200),
+}
+SHAPES = ("square", "circle", "triangle", "cross")
+BACKGROUNDS = ("white", "black", "grey", "striped", "checkered")
+DIRECTIONS = ("left", "right", "up", "down")
+REVERSE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+# One sibling per kind, in file order: f00012_s3.mp4 is family 12's motion sibling.
+KINDS = ("base", "colour", "shape", "motion", "order", "background")
+TEMPLATES = (
+    "a {c1} {s1} moves {d1}, then a {c2} {s2} moves {d2}, on a {bg} background",
+    "on a {bg} background, a {c1} {s1} moves {d1} and then a {c2} {s2} moves {d2}",
+    "first a {c1} {s1} moves {d1}, then a {c2} {s2} moves {d2}; the background is {bg}",
+    "a {c1} {s1} goes {d1}, followed by a {c2} {s2} going {d2}, over a {bg} background",
+)
+# Evaluation samples this many frames at bin centres; the clip length must make them land mid-frame.
+EVAL_FRAMES = 12
+OBJECT_FRACTION = 0.28  # object side / frame side: still clearly visible at 64 px
+
+
+@dataclass(frozen=True)
+class LibrarySummary:
+    out_dir: Path
+    manifest: Path
+    train: Path
+    test: Path
+    clips: int
+    families: int
+    train_families: int
+    test_families: int
+    seconds: float
+
+
+def check_timing(fps: int, seconds: float) -> int:
+    """Frames per clip, if 12 bin-centre samples land mid-frame, six per event; else ValueError."""
+    frames = round(fps * seconds)
+    per_bin = frames / EVAL_FRAMES
+    if abs(fps * seconds - frames) > 1e-9 or per_bin != int(per_bin) or int(per_bin) % 2 == 0:
+        raise ValueError(
+            f"fps x seconds = {fps * seconds:g} frames; it must be {EVAL_FRAMES} x an odd number so that "
+            f"{EVAL_FRAMES} evenly sampled frames land mid-frame (e.g. 12 fps x 3 s = 36 frames)"
+        )
+    return frames
+
+
+def family_spec(family: int, seed: int) -> list[dict[str, Any]]:
+    """The six clips of a family (base first), each as {"kind", "events", "background", ...}."""
+    rng = np.random.default_rng([seed, family])
+    names = list(COLOURS)
+    c1, c2 = (str(c) for c in rng.choice(names, size=2, replace=False))
+    s1, s2 = (str(s) for s in rng.choice(SHAPES, size=2))
+    d1, d2 = (str(d) for d in rng.choice(DIRECTIONS, size=2))
+    base = {
+        "events": [
+            {"colour": c1, "shape": s1, "direction": d1},
+            {"colour": c2, "shape": s2, "direction": d2},
+        ],
+        "background": str(rng.choice(BACKGROUNDS)),
+        "template": int(rng.integers(len(TEMPLATES))),
+    }
+    clips = [{"kind": "base", "changed_event": None, **base}]
+    for kind in KINDS[1:]:
+        clip = {"kind": kind, "changed_event": None, **json.loads(json.dumps(base))}
+        events = clip["events"]
+        e = int(rng.integers(2))
+        if kind == "colour":
+            used = {ev["colour"] for ev in events}
+            events[e]["colour"] = str(rng.choice([c for c in names if c not in used]))
+        elif kind == "shape":
+            used = {ev["shape"] for ev in events}
+            events[e]["shape"] = str(rng.choice([s for s in SHAPES if s not in used]))
+        elif kind == "motion":
+            events[e]["direction"] = REVERSE[events[e]["direction"]]
+        elif kind == "order":
+            events.reverse()
+        else:
+            clip["background"] = str(rng.choice([b for b in BACKGROUNDS if b != base["background"]]))
+        if kind in ("colour", "shape", "motion"):
+            clip["changed_event"] = e
+        clips.append(clip)
+    return clips
+
+
+def caption(clip: dict[str, Any]) -> str:
+    (e1, e2), bg = clip["events"], clip["background"]
+    return TEMPLATES[clip["template"]].format(
+        c1=e1["colour"], s1=e1["shape"], d1=e1["direction"],
+        c2=e2["colour"], s2=e2["shape"], d2=e2["direction"], bg=bg,
+    )  # fmt: skip
+
+
+def _background(name: str, size: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size]
+    band = max(2, size // 8)
+    level = {
+        "white": np.full((size, size), 245),
+        "black": np.full((size, size), 15),
+        "grey": np.full((size, size), 128),
+        "striped": np.where((xx // band) % 2 == 0, 200, 70),
+        "checkered": np.where(((xx // band) + (yy // band)) % 2 == 0, 220, 90),
+    }[name]
+    return np.repeat(level[..., None], 3, axis=2).astype(np.uint8)
+
+
+def _mask(shape: str, side: int) -> np.ndarray:
+    yy, xx = (np.mgrid[0:side, 0:side] + 0.5) / side - 0.5  # centred coordinates in [-0.5, 0.5)
+    if shape == "square":
+        return (np.abs(xx) < 0.42) & (np.abs(yy) < 0.42)
+    if shape == "circle":
+        return xx**2 + yy**2 < 0.46**2
+    if shape == "triangle":
+        return (yy > -0.45) & (yy < 0.45) & (np.abs(xx) < (yy + 0.45) * 0.5)
+    if shape == "cross":
+        return ((np.abs(xx) < 0.15) | (np.abs(yy) < 0.15)) & (np.abs(xx) < 0.48) & (np.abs(yy) < 0.48)
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def render_event(event: dict[str, str], background: np.ndarray, frames: int) -> list[np.ndarray]:
+    """One object crossing the frame in a straight line; left/up are exactly right/down reversed."""
+    size = background.shape[0]
+    side = max(8, round(OBJECT_FRACTION * size))
+    mask = _mask(event["shape"], side)
+    colour = np.array(COLOURS[event["colour"]], np.uint8)
+    lo, hi, mid = size // 16, size - side - size // 16, (size - side) // 2
+    out = []
+    for k in range(frames):
+        pos = round(lo + (hi - lo) * k / max(1, frames - 1))
+        x, y = (pos, mid) if event["direction"] in ("left", "right") else (mid, pos)
+        image = background.copy()
+        image[y : y + side, x : x + side][mask] = colour
+        out.append(image)
+    return out[::-1] if event["direction"] in ("left", "up") else out
+
+
+def render_clip(clip: dict[str, Any], size: int, frames: int) -> list[np.ndarray]:
+    background = _background(clip["background"], size)
+    half = frames // 2
+    return [f for event in clip["events"] for f in render_event(event, background, half)]
+
+
+def _write_family(job: tuple[int, int, Path, int, int, float]) -> list[dict[str, Any]]:
+    family, seed, out_dir, size, fps, seconds = job
+    frames = check_timing(fps, seconds)
+    lines = []
+    for k, clip in enumerate(family_spec(family, seed)):
+        rel = f"clips/f{family:05d}_s{k}.mp4"
+        encode_frames(out_dir / rel, render_clip(clip, size, frames), fps)
+        attrs = {key: clip[key] for key in ("events", "background", "template", "changed_event")}
+        lines.append(
+            {"video": rel, "caption": caption(clip), "family": family, "kind": clip["kind"], "attrs": attrs}
+        )
+    return lines
+
+
+def split_families(families: int, seed: int, holdout: float) -> set[int]:
+    """The held-out (test) family ids: a seeded choice of round(holdout x families), whole families."""
+    if not 0.0 <= holdout < 1.0:
+        raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+    count = round(holdout * families)
+    if holdout > 0 and families >= 2:
+        count = min(max(count, 1), families - 1)
+    order = np.random.default_rng(seed).permutation(families)
+    return {int(f) for f in order[:count]}
+
+
+def generate_library(
+    out_dir: str | Path,
+    families: int,
+    seed: int,
+    holdout: float = 0.2,
+    size: int = 128,
+    fps: int = 12,
+    seconds: float = 3.0,
+    workers: int = 2,
+    progress: Callable[[int, int], None] | None = None,
+) -> LibrarySummary:
+    """Write out_dir/clips/*.mp4, manifest.jsonl (all), train.jsonl and test.jsonl (split by family)."""
+    if families < 1 or size < 16 or size % 2:
+        raise ValueError(f"need families >= 1 and an even size >= 16, got {families} and {size}")
+    check_timing(fps, seconds)
+    test_ids = split_families(families, seed, holdout)
+    out = Path(out_dir)
+    (out / "clips").mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    jobs = [(f, seed, out, size, fps, seconds) for f in range(families)]
+    results: list[list[dict[str, Any]]] = []
+    if workers <= 1:
+        for job in jobs:
+            results.append(_write_family(job))
+            if progress:
+                progress(len(results), families)
+    else:
+        # spawn: forking a parent that may hold torch or encoder threads is not safe.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for lines in pool.map(_write_family, jobs, chunksize=max(1, min(16, families // (4 * workers)))):
+                results.append(lines)
+                if progress:
+                    progress(len(results), families)
+    paths = {name: out / f"{name}.jsonl" for name in ("manifest", "train", "test")}
+    with paths["manifest"].open("w") as m, paths["train"].open("w") as tr, paths["test"].open("w") as te:
+        for lines in results:
+            for line in lines:
+                text = json.dumps(line) + "\n"
+                m.write(text)
+                (te if line["family"] in test_ids else tr).write(text)
+    elapsed = time.perf_counter() - started
+    return LibrarySummary(
+        out, paths["manifest"], paths["train"], paths["test"], 6 * families, families,
+        families - len(test_ids), len(test_ids), elapsed,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m indexer.synth", description=__doc__)
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--families", type=int, required=True, help="families of 6 clips each")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--holdout", type=float, default=0.2, help="fraction of families in test.jsonl")
+    parser.add_argument("--size", type=int, default=128, help="frame side in pixels")
+    parser.add_argument("--fps", type=int, default=12)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    def report(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 20) == 0:
+            print(f"synth: {done}/{total} families", file=sys.stderr, flush=True)
+
+    summary = generate_library(
+        args.out,
+        args.families,
+        args.seed,
+        args.holdout,
+        args.size,
+        args.fps,
+        args.seconds,
+        args.workers,
+        report,
+    )
+    print(
+        f"synth: wrote {summary.clips} clips ({summary.train_families} train / {summary.test_families} test "
+        f"families) to {summary.out_dir} in {summary.seconds:.1f} s",
+        file=sys.stderr,
+    )
+
+
+__all__ = [
+    "LibrarySummary",
+    "caption",
+    "family_spec",
+    "generate_library",
+    "render_clip",
+    "split_families",
+    "write_hostile_files",
+    "write_pattern_video",
+]
+
+if __name__ == "__main__":
+    main()
