@@ -1,0 +1,117 @@
+"""The `indexer` command line, called in-process: every command's help, a whole library's life, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from indexer.cli import build_parser, main
+from indexer.synth import write_pattern_video
+from model.checkpoint import load_model, save_checkpoint
+
+COMMANDS = ["migrate", "add", "worker", "reindex", "rebuild-index", "verify", "stats", "rm", "synth"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: indexer {command}" in out and "--data-dir" in out and "--json" in out
+
+
+def test_the_parser_lists_every_command() -> None:
+    assert set(COMMANDS) <= set(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    monkeypatch.delenv("TVS_MODEL", raising=False)
+    monkeypatch.delenv("TVS_DATABASE_URL", raising=False)
+    base = ["--data-dir", str(tmp_path / "data"), "--model", "tiny"]
+
+    def run(*args: str, model: str | None = None) -> tuple[int, str, str]:
+        argv = [*args[:1], *base, *args[1:]]
+        if model:
+            argv[argv.index("tiny")] = model
+        code = main(argv)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def _library(folder: Path, n: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        write_pattern_video(folder / f"clip{i}.mp4", 1.0 + 0.25 * i, 64, 48, 8, gop=8)
+    return folder
+
+
+def test_a_library_from_add_to_rm(cli, tmp_path: Path) -> None:
+    lib = _library(tmp_path / "lib", 3)
+    code, _, err = cli("add", str(lib))
+    assert code == 2 and "indexer migrate" in err, "an unmigrated catalog is refused with what to do"
+    assert cli("migrate")[0] == 0
+
+    code, out, _ = cli("add", str(lib), "--json")
+    report = json.loads(out)
+    assert code == 0 and (report["files"], report["indexed"], report["segments"], report["failed"]) == (
+        3,
+        3,
+        3,
+        {},
+    )
+    code, out, _ = cli("add", str(lib / "clip0.mp4"))
+    assert code == 0 and "0 indexed, 1 already indexed" in out
+
+    code, out, _ = cli("stats", "--json")
+    stats = json.loads(out)
+    assert (
+        stats["videos"]["ready"] == 3 and stats["segments"] == 3 and stats["active_model"].startswith("tiny")
+    )
+    code, out, _ = cli("verify")
+    assert code == 0 and "OK" in out
+
+    assert cli("rm", "1")[0] == 0
+    assert cli("rm", "1", "99")[0] == 1, "an unknown video id is an error"
+    code, out, _ = cli("verify", "--json")
+    assert code == 1 and json.loads(out)["index_extra"], "the saved snapshot still holds the deleted video"
+    code, out, _ = cli("rebuild-index", "--json")
+    assert code == 0 and json.loads(out)["count"] == 2
+    assert cli("verify")[0] == 0
+
+    code, _, err = cli("add", str(tmp_path / "nowhere"))
+    assert code == 2 and "no such file" in err
+
+
+def test_verify_repair_reencodes_and_reindex_switches_models(cli, tmp_path: Path) -> None:
+    lib = _library(tmp_path / "lib", 2)
+    assert cli("migrate")[0] == 0 and cli("add", str(lib))[0] == 0
+    shard = next((tmp_path / "data" / "tokens").glob("*/shard-*.tok"))
+    raw = bytearray(shard.read_bytes())
+    first_record = next(i for i in range(4096, len(raw)) if raw[i])  # shards are sparse until written
+    raw[first_record + 40] ^= 0xFF  # inside its payload: fails its checksum
+    shard.write_bytes(bytes(raw))
+    assert cli("verify")[0] == 1
+    code, out, _ = cli("verify", "--repair", "--json")
+    assert code == 0 and json.loads(out)["ok"]
+
+    other = save_checkpoint(load_model("tiny"), tmp_path / "ckpt")
+    code, out, _ = cli("reindex", "--json", model=str(other))
+    report = json.loads(out)
+    assert code == 0 and report["switched"] and report["indexed"] == 2
+    code, _, err = cli("add", str(lib))
+    assert code == 2 and "indexer reindex --model" in err, "the old model is refused after the switch"
+    assert cli("verify", model=str(other))[0] == 0
+
+
+def test_synth_writes_a_sample_library(cli, tmp_path: Path) -> None:
+    out_dir = tmp_path / "sample"
+    args = ["--out", str(out_dir), "--families", "1", "--size", "32", "--fps", "4", "--seconds", "3"]
+    code, out, _ = cli("synth", *args, "--workers", "1", "--json")
+    assert code == 0 and json.loads(out)["clips"] == 6
+    assert len(list((out_dir / "clips").glob("*.mp4"))) == 6 and (out_dir / "manifest.jsonl").is_file()
