@@ -99,6 +99,7 @@ class TokenStore:
 
     One writer process, any number of reader processes (``readonly=True``). A record is valid only when
     its header names its id and its crc32 matches, so a reader never takes a torn write for data.
+    Shards are created at full size (sparse) and never grow, so a reader maps each once, on first use.
     Re-putting an id replaces its record: ingestion retried after a crash may reuse ids whose catalog
     rows never committed; the catalog decides which ids are live.
     """
