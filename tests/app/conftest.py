@@ -114,10 +114,34 @@ def new_database(
         drop_postgres_database(url)
 
 
+@pytest.fixture(scope="session")
+def reusable_postgres(postgres_template: str) -> Iterator[str]:
+    """One PostgreSQL catalog for all function-scoped tests, emptied before each (dropping is slow)."""
+    url = create_postgres_database(template=postgres_template)
+    yield url
+    drop_postgres_database(url)
+
+
+def _empty_postgres(url: str) -> None:
+    engine = create_engine(url, poolclass=pool.NullPool)
+    try:
+        with engine.begin() as connection:
+            tables = connection.exec_driver_sql(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
+            ).scalars()
+            connection.exec_driver_sql(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
+    finally:
+        engine.dispose()
+
+
 @pytest.fixture(params=BACKENDS)
 def db_url(request: pytest.FixtureRequest, new_database: Callable[[str], str]) -> str:
-    """A migrated catalog on each backend."""
-    return new_database(request.param)
+    """A migrated, empty catalog on each backend."""
+    if request.param == "postgres":
+        url: str = request.getfixturevalue("reusable_postgres")
+        _empty_postgres(url)
+        return url
+    return new_database("sqlite")
 
 
 @pytest.fixture(scope="session")

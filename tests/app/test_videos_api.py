@@ -1,0 +1,242 @@
+"""Ingestion and library endpoints through HTTP: uploads, paths, limits, jobs, listing, deletion, media, thumbs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+BOUNDARY = "tvs-test-boundary"
+
+
+def _multipart(payload: bytes, name: str = "clip.mp4", field: str = "file") -> bytes:
+    head = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+        "Content-Type: video/mp4\r\n\r\n"
+    ).encode()
+    return head + payload + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+def _incoming(tmp_path: Path) -> list[Path]:
+    folder = tmp_path / "data" / "incoming"
+    return [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
+
+
+def test_upload_then_duplicate(service, clips, api):
+    with service() as client:
+        first = api.upload(client, clips[0]["path"], title="My clip")
+        assert first.status_code == 202, first.text
+        body = first.json()
+        assert body["status"] == "pending" and body["duplicate_of"] is None and body["job_id"] > 0
+        again = api.upload(client, clips[0]["path"])
+        assert again.status_code == 200
+        assert again.json()["duplicate_of"] == body["video_id"] == again.json()["video_id"]
+        job = api.wait_job(client, body["job_id"])
+        assert job["state"] == "ready" and job["progress"] == 1.0 and job["error"] is None
+        video = client.get(f"/videos/{body['video_id']}").json()
+        assert video["title"] == "My clip" and video["status"] == "ready"
+        assert video["duration"] == pytest.approx(3.0, abs=0.2)
+        assert len(video["segments"]) == 1 and video["latest_job"]["id"] == body["job_id"]
+
+
+def test_upload_title_defaults_to_the_file_name_and_meta_is_kept(service, clips):
+    with service() as client:
+        with open(clips[1]["path"], "rb") as f:
+            r = client.post(
+                "/videos",
+                files={"file": ("../../etc/Holiday clip.mp4", f, "video/mp4")},
+                data={"meta": '{"camera": "front door"}'},
+            )
+        assert r.status_code == 202, r.text
+        video = client.get(f"/videos/{r.json()['video_id']}").json()
+        assert video["title"] == "Holiday clip"
+        assert video["meta"] == {"camera": "front door"}
+
+
+def test_upload_over_the_cap_is_413_and_leaves_nothing_behind(service, clips, tmp_path):
+    size = clips[0]["path"].stat().st_size
+    with service(max_upload_bytes=size // 2) as client:
+        with open(clips[0]["path"], "rb") as f:
+            r = client.post("/videos", files={"file": ("a.mp4", f, "video/mp4")})
+        assert r.status_code == 413
+        assert "TVS_MAX_UPLOAD_BYTES" in r.json()["detail"]
+        # Chunked, with no Content-Length: the cap must bite mid-stream.
+        body = _multipart(clips[0]["path"].read_bytes())
+        chunks = (body[i : i + 1024] for i in range(0, len(body), 1024))
+        r = client.post(
+            "/videos", content=chunks, headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+        )
+        assert r.status_code == 413
+        assert _incoming(tmp_path) == []
+        assert client.get("/videos").json()["count"] == 0
+
+
+def test_a_declared_length_over_the_cap_is_refused_before_reading(service):
+    with service(max_upload_bytes=1000) as client:
+        headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}", "Content-Length": str(10**9)}
+        r = client.post("/videos", content=b"", headers=headers)
+        assert r.status_code == 413
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "status", "needle"),
+    [
+        (b"not multipart at all", f"multipart/form-data; boundary={BOUNDARY}", 422, "malformed"),
+        (_multipart(b"abc")[:-12], f"multipart/form-data; boundary={BOUNDARY}", 422, "ended early"),
+        (
+            _multipart(b"abc", field="video"),
+            f"multipart/form-data; boundary={BOUNDARY}",
+            422,
+            "unexpected form field",
+        ),
+        (_multipart(b""), f"multipart/form-data; boundary={BOUNDARY}", 422, "empty"),
+        (b"--x--\r\n", "multipart/form-data", 422, "boundary"),
+        (b"raw video bytes", "video/mp4", 415, "multipart/form-data"),
+        (b"{not json", "application/json", 422, "json"),
+        (b'{"path": "/a", "url": "http://example.com/a.mp4"}', "application/json", 422, "exactly one"),
+        (b"{}", "application/json", 422, "exactly one"),
+        (b'{"url": "file:///etc/passwd"}', "application/json", 422, "url"),
+        (b'{"url": "ftp://example.com/a.mp4"}', "application/json", 422, "url"),
+    ],
+)
+def test_malformed_ingest_requests(service, content, content_type, status, needle):
+    with service() as client:
+        r = client.post("/videos", content=content, headers={"Content-Type": content_type})
+        assert r.status_code == status, r.text
+        body = r.json()
+        text = body.get("message") or body["detail"]
+        assert needle.lower() in str(text).lower()
+
+
+def test_upload_without_a_file_part_is_422(service):
+    with service() as client:
+        r = client.post("/videos", files={"title": (None, "just a title")})
+        assert r.status_code == 422 and "file" in r.json()["detail"]
+
+
+def test_not_a_video_becomes_a_failed_job_with_the_reason(service, hostile, api):
+    with service() as client:
+        r = api.upload(client, hostile["text"])
+        assert r.status_code == 202, r.text
+        job = api.wait_job(client, r.json()["job_id"])
+        assert job["state"] == "failed"
+        assert job["error"] and "video" in job["error"].lower()
+        video = client.get(f"/videos/{r.json()['video_id']}").json()
+        assert video["status"] == "failed" and video["error"]
+
+
+@pytest.fixture
+def roots(tmp_path: Path, clips) -> dict[str, Path]:
+    allowed = tmp_path / "library"
+    (allowed / "sub").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (allowed / "sub" / "clip.mp4").write_bytes(clips[2]["path"].read_bytes())
+    (outside / "secret.mp4").write_bytes(clips[3]["path"].read_bytes())
+    os.symlink(outside / "secret.mp4", allowed / "link.mp4")
+    os.symlink(outside, allowed / "linkdir")
+    return {"allowed": allowed, "outside": outside}
+
+
+def test_path_ingestion_inside_an_allowed_root(service, roots, api):
+    with service(allowed_roots=[roots["allowed"]]) as client:
+        r = client.post(
+            "/videos", json={"path": str(roots["allowed"] / "sub" / "clip.mp4"), "title": "From disk"}
+        )
+        assert r.status_code == 202, r.text
+        assert api.wait_job(client, r.json()["job_id"])["state"] == "ready"
+        media = client.get(f"/videos/{r.json()['video_id']}/media")
+        assert (
+            media.status_code == 200 and media.content == (roots["allowed"] / "sub" / "clip.mp4").read_bytes()
+        )
+        again = client.post(
+            "/videos", json={"path": str(roots["allowed"] / "sub" / ".." / "sub" / "clip.mp4")}
+        )
+        assert again.status_code == 200 and again.json()["duplicate_of"] == r.json()["video_id"]
+
+
+@pytest.mark.parametrize(
+    "relative",
+    [
+        "../outside/secret.mp4",
+        "sub/../../outside/secret.mp4",
+        "link.mp4",
+        "linkdir/secret.mp4",
+        "../outside/nope.mp4",
+    ],
+)
+def test_paths_leaving_the_allowed_root_are_403(service, roots, relative):
+    with service(allowed_roots=[roots["allowed"]]) as client:
+        r = client.post("/videos", json={"path": f"{roots['allowed']}/{relative}"})
+        assert r.status_code == 403, r.text
+        assert "TVS_ALLOWED_ROOTS" in r.json()["detail"]
+        assert client.get("/videos").json()["count"] == 0
+
+
+def test_path_errors(service, roots):
+    with service(allowed_roots=[roots["allowed"]]) as client:
+        assert client.post("/videos", json={"path": str(roots["allowed"] / "missing.mp4")}).status_code == 404
+        assert client.post("/videos", json={"path": str(roots["allowed"] / "sub")}).status_code == 404
+        assert client.post("/videos", json={"path": "sub/clip.mp4"}).status_code == 422
+        assert client.post("/videos", json={"path": f"{roots['allowed']}/a\x00b"}).status_code == 422
+    with service() as client:  # no allowed roots at all: path ingestion is off
+        r = client.post("/videos", json={"path": str(roots["allowed"] / "sub" / "clip.mp4")})
+        assert r.status_code == 403
+
+
+def test_list_videos_paginates(service, clips, api):
+    with service(worker=False) as client:
+        ids = [api.upload(client, c["path"]).json()["video_id"] for c in clips[:5]]
+        page = client.get("/videos", params={"limit": 2}).json()
+        assert page["count"] == 5 and page["limit"] == 2 and page["offset"] == 0
+        assert [v["id"] for v in page["data"]] == ids[::-1][:2]
+        rest = client.get("/videos", params={"offset": 4, "limit": 2}).json()
+        assert [v["id"] for v in rest["data"]] == [ids[0]]
+        assert client.get("/videos", params={"status": "pending"}).json()["count"] == 5
+        assert client.get("/videos", params={"status": "ready"}).json()["count"] == 0
+        for bad in ({"limit": 0}, {"limit": 101}, {"offset": -1}, {"status": "lost"}):
+            assert client.get("/videos", params=bad).status_code == 422
+
+
+def test_unknown_ids_are_404(service):
+    with service() as client:
+        for url in ("/videos/999", "/jobs/999", "/videos/999/media", "/segments/999/thumbnail"):
+            r = client.get(url)
+            assert r.status_code == 404 and r.json()["detail"], url
+        assert client.delete("/videos/999").status_code == 404
+        assert client.get("/videos/0").status_code == 422
+        assert client.get(f"/videos/{2**63}").status_code == 422
+
+
+def test_delete_removes_the_video_from_search_at_once(service, clips, api):
+    with service() as client:
+        keep, gone = api.ingest(client, [clips[0]["path"], clips[1]["path"]])
+        assert {h["video_id"] for h in api.search(client).json()["results"]} == {keep, gone}
+        r = client.delete(f"/videos/{gone}")
+        assert r.status_code == 200 and r.json() == {"video_id": gone, "segments_removed": 1}
+        assert {h["video_id"] for h in api.search(client).json()["results"]} == {keep}
+        assert client.get(f"/videos/{gone}").status_code == 404
+        assert client.get(f"/videos/{gone}/media").status_code == 404
+        assert [v["id"] for v in client.get("/videos").json()["data"]] == [keep]
+        assert client.delete(f"/videos/{gone}").status_code in (200, 404)
+        # Uploading the same bytes again brings it back.
+        again = api.upload(client, clips[1]["path"])
+        assert again.status_code == 202
+        assert api.wait_job(client, again.json()["job_id"])["state"] == "ready"
+
+
+def test_media_supports_range_requests(service, clips, api):
+    data = clips[0]["path"].read_bytes()
+    with service(worker=False) as client:
+        video_id = api.upload(client, clips[0]["path"]).json()["video_id"]
+        full = client.get(f"/videos/{video_id}/media")
+        assert full.status_code == 200 and full.content == data
+        assert full.headers["accept-ranges"] == "bytes" and full.headers["content-type"] == "video/mp4"
+        part = client.get(f"/videos/{video_id}/media", headers={"Range": "bytes=100-199"})
+        assert part.status_code == 206 and part.content == data[100:200]
+        assert part.headers["content-range"] == f"bytes 100-199/{len(data)}"
+        tail = client.get(f"/videos/{video_id}/media", headers={"Range": "bytes=-50"})
+        assert tail.status_code == 206 and tail.content == data[-50:]
+        bad = client.get(f"/videos/{video_id}/media", headers={"Range": f"bytes={len(data) + 10}-"})
+        assert bad.status_code == 416
