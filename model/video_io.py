@@ -11,7 +11,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-from model.video_decode import FrameSampler, StreamMeta, VideoDecodeError, open_video
+from model.video_decode import StreamMeta, VideoDecodeError, open_video
+from model.video_sampler import FrameSampler
 
 logger = logging.getLogger(__name__)
 
