@@ -39,7 +39,7 @@ def encode_frames(
     fps: float,
     *,
     crf: int = 20,
-    preset: str = "fast",
+    preset: str = "superfast",
     faststart: bool = True,
 ) -> None:
     """Write uint8 RGB frames [H, W, 3] (even sides) as H.264 yuv420p mp4, deterministically (one thread)."""

@@ -1,0 +1,163 @@
+"""indexer.synth: a seeded two-event library whose siblings differ in exactly one attribute."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from indexer.synth import (
+    KINDS,
+    check_timing,
+    family_spec,
+    generate_library,
+    main,
+    render_clip,
+    split_families,
+    write_pattern_video,
+)
+from model.video_io import probe, read_clip
+
+SIZE = 32  # tiny frames keep generation and decoding fast; objects are still 9 px
+FRAMES = 36  # 12 fps x 3 s
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("lib")
+    generate_library(out, families=3, seed=11, holdout=0.34, size=SIZE, workers=1)
+    return out
+
+
+def _all_frames(path: Path) -> np.ndarray:
+    # 36 samples over 36 frames: each bin centre is a frame centre, so this is every frame once.
+    return read_clip(path, FRAMES, SIZE).astype(np.int16)
+
+
+def test_manifest_lines_describe_every_clip(library: Path) -> None:
+    lines = _lines(library / "manifest.jsonl")
+    assert len(lines) == 3 * len(KINDS)
+    for line in lines:
+        assert (library / line["video"]).is_file() and not Path(line["video"]).is_absolute()
+        assert set(line) >= {"video", "caption", "family", "kind", "attrs"}
+    first = lines[3]
+    assert first["video"] == "clips/f00000_s3.mp4" and first["kind"] == "motion"
+    info = probe(library / first["video"])
+    assert (info.width, info.height, info.fps, info.num_frames) == (SIZE, SIZE, 12.0, FRAMES)
+
+
+def test_same_seed_gives_same_manifest_and_frames(library: Path, tmp_path: Path) -> None:
+    main(
+        ["--out", str(tmp_path), "--families", "3", "--seed", "11", "--holdout", "0.34", "--size", str(SIZE)]
+    )
+    assert (tmp_path / "manifest.jsonl").read_text() == (library / "manifest.jsonl").read_text()
+    for line in _lines(library / "manifest.jsonl")[:6]:
+        np.testing.assert_array_equal(
+            _all_frames(tmp_path / line["video"]), _all_frames(library / line["video"])
+        )
+
+
+def test_another_seed_gives_another_library() -> None:
+    assert family_spec(0, seed=11) != family_spec(0, seed=12)
+    assert family_spec(0, seed=11) == family_spec(0, seed=11)
+
+
+def test_split_keeps_families_whole(library: Path) -> None:
+    train, test = _lines(library / "train.jsonl"), _lines(library / "test.jsonl")
+    assert {x["family"] for x in train}.isdisjoint({x["family"] for x in test})
+    assert len(test) == len(KINDS) and len(train) == 2 * len(KINDS)
+    assert sorted(map(json.dumps, train + test)) == sorted(
+        map(json.dumps, _lines(library / "manifest.jsonl"))
+    )
+    held = split_families(50, seed=3, holdout=0.2)
+    assert len(held) == 10 and held == split_families(50, seed=3, holdout=0.2)
+    assert held != split_families(50, seed=4, holdout=0.2)
+
+
+def test_each_sibling_changes_exactly_one_attribute_and_its_caption() -> None:
+    for family in range(20):
+        clips = family_spec(family, seed=5)
+        base = clips[0]
+        assert [c["kind"] for c in clips] == list(KINDS)
+        assert len({json.dumps(c["events"]) + c["background"] for c in clips}) == len(KINDS)
+        for clip in clips[1:]:
+            changed = [
+                (i, key)
+                for i, (a, b) in enumerate(zip(base["events"], clip["events"], strict=True))
+                for key in a
+                if a[key] != b[key]
+            ]
+            if clip["kind"] in ("colour", "shape"):
+                assert changed == [(clip["changed_event"], clip["kind"])]
+            elif clip["kind"] == "motion":
+                assert changed == [(clip["changed_event"], "direction")]
+            elif clip["kind"] == "order":
+                assert clip["events"] == base["events"][::-1]
+            else:
+                assert not changed and clip["background"] != base["background"]
+
+
+def test_captions_differ_within_a_family(library: Path) -> None:
+    by_family = defaultdict(list)
+    for line in _lines(library / "manifest.jsonl"):
+        by_family[line["family"]].append(line["caption"])
+    for captions in by_family.values():
+        assert len(set(captions)) == len(KINDS)
+
+
+def test_motion_and_order_siblings_reuse_the_base_frames(library: Path) -> None:
+    lines = _lines(library / "manifest.jsonl")
+    for family in range(3):
+        rows = {x["kind"]: x for x in lines if x["family"] == family}
+        base = _all_frames(library / rows["base"]["video"])
+        half = FRAMES // 2
+        e = rows["motion"]["attrs"]["changed_event"]
+        expected_motion = base.copy()
+        expected_motion[e * half : (e + 1) * half] = base[e * half : (e + 1) * half][::-1]
+        expected_order = np.concatenate([base[half:], base[:half]])
+        for kind, expected in (("motion", expected_motion), ("order", expected_order)):
+            got = _all_frames(library / rows[kind]["video"])
+            matched = np.abs(got - expected).mean()  # H.264 is lossy: same pictures, re-encoded
+            assert matched < 2.0 and np.abs(got - base).mean() > 2 * matched, kind
+            # The 12 frames a model samples are a permutation of the base's: their mean is the same.
+            picked = np.arange(12) * 3 + 1
+            cost = np.abs(got[picked][:, None] - base[picked][None]).mean(axis=(2, 3, 4))
+            assert sorted(cost.argmin(axis=1).tolist()) == list(range(12)) and cost.min(axis=1).max() < 2.5
+        # The test can fail: a colour sibling's frames are not the base's.
+        colour = _all_frames(library / rows["colour"]["video"])
+        assert np.abs(colour - base).max() > 60
+
+
+def test_rendered_frames_are_exact_before_encoding() -> None:
+    clips = family_spec(7, seed=1)
+    base, motion, order = (render_clip(c, 64, FRAMES) for c in (clips[0], clips[3], clips[4]))
+    half = FRAMES // 2
+    e = clips[3]["changed_event"]
+    np.testing.assert_array_equal(motion[e * half : (e + 1) * half], base[e * half : (e + 1) * half][::-1])
+    np.testing.assert_array_equal(order, base[half:] + base[:half])
+    assert sum(not np.array_equal(a, b) for a, b in zip(base, motion, strict=True)) > 0
+
+
+def test_timing_must_put_samples_mid_frame() -> None:
+    assert check_timing(12, 3.0) == 36
+    with pytest.raises(ValueError, match="12 x an odd number"):
+        check_timing(24, 3.0)
+
+
+def test_pattern_video_has_requested_gop_and_b_frames(tmp_path: Path) -> None:
+    path = write_pattern_video(tmp_path / "p.mp4", 4.0, 64, 48, 30, gop=30, bframes=3)
+    info = probe(path)
+    assert (info.width, info.height, info.fps, info.num_frames) == (64, 48, 30.0, 120)
+    with av.open(str(path)) as container:
+        types = [int(f.pict_type) for f in container.decode(video=0)]  # AVPictureType: 1 I, 2 P, 3 B
+    assert types.count(1) == 4 and types.count(3) > 40
+    with av.open(str(write_pattern_video(tmp_path / "p0.mp4", 1.0, 64, 48, 30, bframes=0))) as container:
+        assert 3 not in {int(f.pict_type) for f in container.decode(video=0)}
