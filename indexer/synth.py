@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import multiprocessing
@@ -77,7 +78,7 @@ def family_spec(family: int, seed: int) -> list[dict[str, Any]]:
     c1, c2 = (str(c) for c in rng.choice(names, size=2, replace=False))
     s1, s2 = (str(s) for s in rng.choice(SHAPES, size=2))
     d1, d2 = (str(d) for d in rng.choice(DIRECTIONS, size=2))
-    base = {
+    base: dict[str, Any] = {
         "events": [
             {"colour": c1, "shape": s1, "direction": d1},
             {"colour": c2, "shape": s2, "direction": d2},
@@ -87,8 +88,8 @@ def family_spec(family: int, seed: int) -> list[dict[str, Any]]:
     }
     clips = [{"kind": "base", "changed_event": None, **base}]
     for kind in KINDS[1:]:
-        clip = {"kind": kind, "changed_event": None, **json.loads(json.dumps(base))}
-        events = clip["events"]
+        clip: dict[str, Any] = {"kind": kind, "changed_event": None, **copy.deepcopy(base)}
+        events: list[dict[str, str]] = clip["events"]
         e = int(rng.integers(2))
         if kind == "colour":
             used = {ev["colour"] for ev in events}

@@ -27,9 +27,11 @@ def _add_video_stream(
     options: dict[str, str],
 ) -> av.video.stream.VideoStream:
     stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+    if not isinstance(stream, av.video.stream.VideoStream):
+        raise ValueError(f"{codec!r} is not a video encoder; use e.g. libx264, libvpx-vp9, mpeg4")
     stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
     stream.gop_size = gop
-    stream.options = options
+    stream.options = dict(options)
     return stream
 
 
@@ -113,7 +115,7 @@ def write_pattern_video(
 
 
 def _fill_plane(plane: av.video.plane.VideoPlane, values: np.ndarray) -> None:
-    rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+    rows = np.frombuffer(memoryview(plane), np.uint8).reshape(plane.height, plane.line_size)
     rows[:, : plane.width] = values
 
 

@@ -40,7 +40,7 @@ class SegmentFrames:
     end: float
     frames: np.ndarray  # [T, size, size, 3] uint8 RGB
     thumbnail: np.ndarray  # [h, w, 3] uint8 RGB, longest side <= thumb_max_side
-    frame_times: np.ndarray  # [T] seconds from the start of the video
+    frame_times: np.ndarray  # [T] sampled times in seconds; each frame is the one shown at its time
 
 
 def probe(path: str | Path) -> VideoInfo:
@@ -129,7 +129,7 @@ def _sample_windows(
     sampler.want(np.concatenate([times for _, _, times in plan] + [np.array(middles)]))
     for index, (start, end, times) in enumerate(plan):
         query = np.sort(np.append(times, middles[index])) if thumb_max_side else times
-        # Times may repeat when frames are scarcer than samples, so look frames up by position.
+        # The thumbnail's time joins the sample times in one ascending pass over the file.
         found = sampler.frames_at(query)
         by_time = {t: f for t, f in zip(query.tolist(), found, strict=True)}
         frames = np.stack(
@@ -146,7 +146,7 @@ def _sample_windows(
 
 
 def decord_get_batch(
-    path: str | Path, times: Sequence[float], width: int = -1, height: int = -1
+    path: str | Path, times: Sequence[float] | np.ndarray, width: int = -1, height: int = -1
 ) -> np.ndarray:
     """Frames shown at `times` through decord's get_batch: the baseline the sampler is measured against."""
     import decord  # here, so that importing this module never loads decord's own FFmpeg

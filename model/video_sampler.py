@@ -29,7 +29,10 @@ class FrameSampler:
 
     def __init__(self, container: av.container.InputContainer, meta: StreamMeta) -> None:
         self._container = container
-        self._stream = container.streams[meta.stream_index]
+        stream = container.streams[meta.stream_index]
+        if not isinstance(stream, av.video.stream.VideoStream):
+            raise TypeError(f"stream {meta.stream_index} of {container.name} is {stream.type}, not video")
+        self._stream = stream
         self._codec = self._stream.codec_context
         self._meta = meta
         self._frame_s = 1.0 / meta.fps
@@ -65,7 +68,7 @@ class FrameSampler:
         return np.ascontiguousarray(np.rot90(image, k=rotation // 90)) if rotation else image
 
     def time_of(self, frame: av.VideoFrame) -> float:
-        return frame.pts * self._meta.time_base - self._meta.start_s
+        return (frame.pts or 0) * self._meta.time_base - self._meta.start_s
 
     def _keyframe_times(self, first_frame_s: float) -> np.ndarray | None:
         if not INDEXED_FORMATS & set(self._container.format.name.split(",")):
@@ -89,17 +92,25 @@ class FrameSampler:
         now = self.time_of(newest)
         if self._keys is None:
             return t - now > SEEK_GAP_NO_INDEX_S
-        key = self._keys[max(0, np.searchsorted(self._keys, t + EPS, side="right") - 1)]
+        key = self._keys[max(0, int(np.searchsorted(self._keys, t + EPS, side="right")) - 1)]
         return key > now + SEEK_MARGIN_FRAMES * self._frame_s
 
     def _seek(self, t: float) -> None:
-        if t <= EPS and self._keys is None:
-            # Timestamp seeks in unindexed formats can land a GOP late even at 0; a byte rewind is exact.
-            self._container.seek(0, unsupported_byte_offset=True)
-        else:
-            # By display time: FFmpeg lands on the last keyframe shown at or before t.
-            pts = math.floor((max(0.0, t) + self._meta.start_s) / self._meta.time_base + EPS)
-            self._container.seek(pts, stream=self._stream, backward=True, any_frame=False)
+        pts = math.floor((max(0.0, t) + self._meta.start_s) / self._meta.time_base + EPS)
+        try:
+            if t <= EPS and self._keys is None:
+                # Timestamp seeks in unindexed formats can land a GOP late even at 0; a byte rewind is exact.
+                self._container.seek(0, unsupported_byte_offset=True)
+            else:
+                # By display time: FFmpeg lands on the last keyframe shown at or before t.
+                self._container.seek(pts, stream=self._stream, backward=True, any_frame=False)
+        except av.error.FFmpegError:
+            try:
+                self._container.seek(pts, stream=self._stream, backward=True, any_frame=False)
+            except av.error.FFmpegError as e:
+                raise VideoDecodeError(
+                    self._container.name, VideoDecodeError.CORRUPT, f"seek to {t:.2f} s: {e}"
+                ) from e
         self._codec.flush_buffers()
         self._frames = self._decode()
         self._prev = self._ahead = None
@@ -149,7 +160,7 @@ class FrameSampler:
             else:
                 self._codec.skip_frame = "DEFAULT"
             try:
-                frames = self._codec.decode(packet)
+                frames = self._stream.decode(packet)
             except av.error.FFmpegError as e:
                 self._errors += 1
                 if self._errors > MAX_PACKET_ERRORS:

@@ -180,6 +180,23 @@ def test_common_containers_decode(tmp_path: Path, suffix: str, codec: str) -> No
     assert len({f.tobytes() for f in frames}) == 8  # the pattern moves: distinct frames, not one repeated
 
 
+def test_browser_style_webm_without_duration_or_cues(tmp_path: Path) -> None:
+    path = tmp_path / "recorded.webm"
+    with av.open(str(path), "w", format="webm", options={"live": "1"}) as container:
+        stream = container.add_stream("libvpx-vp9", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for i in range(40):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 5 * i, np.uint8), format="rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    assert probe(path).duration_s == pytest.approx(4.0)
+    np.testing.assert_allclose(read_clip(path, 4, 16).mean(axis=(1, 2, 3)), [25, 75, 125, 175], atol=4)
+    # Windows out of order make the sampler seek back.
+    means = [s.frames.mean() for s in iter_segment_frames(path, [(2.0, 4.0), (0.0, 2.0)], 2, 16)]
+    np.testing.assert_allclose(means, [150, 50], atol=4)
+
+
 def test_portrait_file_and_rotation_metadata(tmp_path: Path) -> None:
     plain = write_pattern_video(tmp_path / "plain.mp4", 1.0, 96, 48, 10, gop=10)
     rotated = write_pattern_video(tmp_path / "rotated.mp4", 1.0, 96, 48, 10, gop=10, rotation=90)
