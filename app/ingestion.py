@@ -90,17 +90,23 @@ def resolve_allowed_path(raw: str, roots: tuple[Path, ...]) -> Path:
         )
     if "\x00" in raw:
         raise BadSourceError("the path contains a NUL byte")
-    path = Path(raw).expanduser()
-    if not path.is_absolute():
-        raise BadSourceError(f"give an absolute path inside one of the allowed roots, not {raw!r}")
     try:
+        path = Path(raw).expanduser()
+        if not path.is_absolute():
+            raise BadSourceError(f"give an absolute path inside one of the allowed roots, not {raw!r}")
         real = path.resolve(strict=False)
-    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+    except UnicodeError as e:
+        raise BadSourceError("the path is not valid text for a file name") from e
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop, or ~user without a home
         raise PathRefusedError(f"the path cannot be resolved: {e}") from e
     if not any(real.is_relative_to(root) for root in roots):
         # Said the same way whether or not the file exists, so the answer reveals nothing outside.
         raise PathRefusedError("the path is outside the folders this server may read (TVS_ALLOWED_ROOTS)")
-    if not real.is_file():
+    try:
+        is_file = real.is_file()
+    except (OSError, UnicodeError):
+        is_file = False
+    if not is_file:
         raise SourceNotFoundError(f"{raw} is not an existing file")
     return real
 

@@ -87,6 +87,7 @@ def _problem(code: int, description: str) -> dict[int | str, dict[str, Any]]:
         **_problem(404, "the path does not exist"),
         **_problem(413, "larger than TVS_MAX_UPLOAD_BYTES"),
         **_problem(415, "neither multipart/form-data nor JSON"),
+        422: {"description": "an invalid body: a list of validation errors, or a message in `detail`"},
         **_problem(502, "the URL could not be fetched"),
     },
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -182,6 +183,41 @@ def running(
     app.dependency_overrides.update(overrides or {})
     with TestClient(app) as client:
         yield client
+
+
+@contextmanager
+def serving(
+    settings: Settings, overrides: dict[Callable[..., Any], Callable[..., Any]] | None = None
+) -> Iterator[str]:
+    """The app under a real uvicorn server in a thread (for HTTP clients and browsers); yields its base URL."""
+    import uvicorn
+
+    app = create_app(settings)
+    app.dependency_overrides.update(overrides or {})
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start (see the log above)")
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+@pytest.fixture(scope="session")
+def serve() -> Callable[..., Any]:
+    """`with serve(data_dir, db_url, dependency_overrides=None, **settings) as base_url:`."""
+
+    def start(data_dir: Path, db_url: str, dependency_overrides: Any = None, **overrides: Any) -> Any:
+        return serving(make_settings(data_dir, db_url, **overrides), dependency_overrides)
+
+    return start
 
 
 @pytest.fixture(scope="session")

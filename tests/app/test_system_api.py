@@ -1,0 +1,160 @@
+"""Health, metrics, API keys, CORS, security headers, the demo page, settings and start-up refusals."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from app.main import create_app
+from app.settings import Settings
+from indexer.db import DatabaseNotMigratedError
+
+KEY = "k" * 24
+
+
+def test_health_reports_model_device_and_index(service, clips, api):
+    with service() as client:
+        body = client.get("/health").json()
+        assert body["status"] == "ok" and body["ready"] is True
+        assert body["model"]["id"].startswith("tiny-") and body["model"]["device"] == "cpu"
+        assert body["model"]["top_k"] == 4 and body["model"]["num_frames"] == 4 and body["model"]["dim"] == 32
+        assert body["index"] == {"size": 0, "type": "Flat"}
+        assert body["worker"] is True and body["auth_required"] is False
+        api.ingest(client, [clips[0]["path"]])
+        assert client.get("/health").json()["index"]["size"] == 1
+
+
+def test_health_is_503_until_the_lifespan_has_loaded_everything():
+    client = TestClient(create_app(Settings(model="tiny")))  # no `with`: the lifespan never runs
+    r = client.get("/health")
+    assert r.status_code == 503 and r.json()["ready"] is False and r.json()["status"] == "starting"
+    assert client.post("/search", json={"query": "dog"}).status_code == 503
+
+
+def test_metrics_expose_stage_latency_index_size_and_jobs(service, clips, api):
+    with service() as client:
+        api.ingest(client, [clips[0]["path"]])
+        client.post("/search", json={"query": "red square"})
+        r = client.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        text = r.text
+        for stage in ("encode", "faiss", "tokens", "rerank", "total"):
+            assert re.search(rf'tvs_search_stage_seconds_count{{stage="{stage}"}} [1-9]', text), stage
+        assert "tvs_index_size 1.0" in text
+        assert 'tvs_jobs{state="ready"} 1.0' in text and 'tvs_jobs{state="failed"} 0.0' in text
+        assert 'tvs_http_request_duration_seconds_count{method="POST",route="/search",status="200"}' in text
+        assert 'route="/jobs/{job_id}"' in text  # labelled by template, not by id
+
+
+def test_write_endpoints_need_the_api_key(service, clips, api):
+    with service(api_key=KEY) as client:
+        assert client.get("/health").json()["auth_required"] is True
+        r = api.upload(client, clips[0]["path"])
+        assert r.status_code == 401 and "X-API-Key" in r.json()["detail"]
+        assert api.upload(client, clips[0]["path"], **{"X-API-Key": "wrong"}).status_code == 401
+        assert client.post("/videos", json={"path": "/x"}).status_code == 401
+        ok = api.upload(client, clips[0]["path"], **{"X-API-Key": KEY})
+        assert ok.status_code == 202
+        video_id = ok.json()["video_id"]
+        assert client.delete(f"/videos/{video_id}").status_code == 401
+        assert (
+            client.delete(f"/videos/{video_id}", headers={"Authorization": "Bearer nope"}).status_code == 401
+        )
+        # Reads stay open.
+        assert client.get("/videos").status_code == 200
+        assert client.post("/search", json={"query": "dog"}).status_code == 200
+        assert client.get(f"/jobs/{ok.json()['job_id']}").status_code == 200
+        assert (
+            client.delete(f"/videos/{video_id}", headers={"Authorization": f"Bearer {KEY}"}).status_code
+            == 200
+        )
+
+
+def test_production_refuses_to_start_without_a_strong_key(tmp_path: Path):
+    with pytest.raises(ValidationError, match="TVS_API_KEY"):
+        Settings(env="production", data_dir=tmp_path)
+    with pytest.raises(ValidationError, match="16 characters"):
+        Settings(env="production", api_key="short", data_dir=tmp_path)
+    with pytest.raises(ValidationError, match="CORS"):
+        Settings(env="production", api_key=KEY, cors_origins="*")
+    assert Settings(env="production", api_key=KEY).api_key is not None
+
+
+def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.setenv("TVS_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("TVS_ALLOWED_ROOTS", f"{tmp_path}/a, {tmp_path}/b")
+    monkeypatch.setenv("TVS_CORS_ORIGINS", '["https://x.example"]')
+    monkeypatch.setenv("TVS_BATCH_MAX_SIZE", "16")
+    monkeypatch.setenv("TVS_WORKER", "false")
+    monkeypatch.setenv("TVS_API_KEY", "  ")
+    s = Settings()
+    assert s.data_dir == tmp_path and s.batch_max_size == 16 and s.worker is False and s.api_key is None
+    assert s.allowed_roots == [tmp_path / "a", tmp_path / "b"]
+    assert s.cors_origins == ["https://x.example"]
+    monkeypatch.setenv("TVS_ENV", "production")
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_cors_is_off_by_default_and_on_when_configured(service):
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    with service() as client:
+        r = client.get("/health", headers={"Origin": "https://app.example"})
+        assert "access-control-allow-origin" not in r.headers
+        assert client.options("/search", headers=preflight).status_code == 405
+    with service(cors_origins=["https://app.example"]) as client:
+        r = client.get("/health", headers={"Origin": "https://app.example"})
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+        assert client.options("/search", headers=preflight).status_code == 200
+        other = client.get("/health", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_demo_page_is_served_with_a_strict_policy_and_no_inline_script():
+    client = TestClient(create_app(Settings(model="tiny")))  # static files need no lifespan
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
+    assert page.headers["x-content-type-options"] == "nosniff" and page.headers["x-frame-options"] == "DENY"
+    html = page.text
+    scripts = re.findall(r"<script\b([^>]*)>(.*?)</script>", html, flags=re.S)
+    assert scripts and all('src="/static/' in attrs and not body.strip() for attrs, body in scripts)
+    assert not re.search(r"\son[a-z]+\s*=", html), "inline event handlers break under the CSP"
+    assert "<style" not in html and " style=" not in html
+    assert not re.search(r"(src|href)=\"(https?:)?//", html), "no CDN: the page must work offline"
+    for asset, kind in (("/static/app.js", "javascript"), ("/static/style.css", "text/css")):
+        r = client.get(asset)
+        assert r.status_code == 200 and kind in r.headers["content-type"]
+        assert "content-security-policy" in r.headers
+    assert "content-security-policy" not in client.get("/openapi.json").headers
+
+
+def test_start_up_refuses_an_unmigrated_database(tmp_path: Path):
+    settings = Settings(
+        data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'empty.db'}", model="tiny"
+    )
+    with pytest.raises(DatabaseNotMigratedError, match="indexer migrate"):
+        with TestClient(create_app(settings)):
+            pass
+
+
+def test_openapi_documents_every_endpoint():
+    schema = TestClient(create_app(Settings(model="tiny"))).get("/openapi.json").json()
+    paths = schema["paths"]
+    assert set(paths) >= {
+        "/search",
+        "/videos",
+        "/videos/{video_id}",
+        "/videos/{video_id}/media",
+        "/segments/{segment_id}/thumbnail",
+        "/jobs/{job_id}",
+        "/health",
+        "/metrics",
+    }
+    body = paths["/videos"]["post"]["requestBody"]["content"]
+    assert set(body) == {"multipart/form-data", "application/json"}
