@@ -147,6 +147,7 @@ def cmd_add(env: Env) -> int:
             mode=a.mode.replace("-", "_"),
             recursive=not a.no_recursive,
             max_attempts=a.max_attempts,
+            retry_failed=a.retry_failed,
             config=env.pipeline_config(),
             on_start=bar.start,
             on_result=bar.result,
@@ -364,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-recursive", action="store_true", help="do not descend into sub-folders")
     p.add_argument("--max-attempts", type=int, default=3, help="tries per video before it is failed")
+    p.add_argument(
+        "--retry-failed", action="store_true", help="try again files that failed in an earlier run"
+    )
     p = add("worker", cmd_worker, "run queued ingest jobs until stopped (SIGTERM/Ctrl-C)", [pipe])
     p.add_argument("--lease-s", type=float, default=60.0, help="job lease; renewed every third of it")
     p.add_argument("--poll-s", type=float, default=1.0, help="wait between empty queue checks")

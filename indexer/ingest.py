@@ -138,12 +138,14 @@ def ingest_file(
     meta: dict[str, Any] | None = None,
     mode: StoreMode = "copy",
     max_attempts: int = 3,
+    retry_failed: bool = False,
 ) -> IngestResult:
     """Hash, dedupe, store and queue one file; the video row and its job commit in one transaction.
 
     `mode`: "copy" into the data directory, "move" (an upload already under incoming/), or
     "in_place" (a library file the catalog points at where it is). The same bytes ingested again
-    create nothing new (race-free: the catalog's unique sha256 decides between concurrent callers).
+    create nothing new (race-free: the catalog's unique sha256 decides between concurrent callers),
+    except that a deleted video comes back, and a failed one is tried again with `retry_failed`.
     """
     src = Path(path).expanduser()
     if not src.is_file():
@@ -152,11 +154,19 @@ def ingest_file(
         sha256, size = sha256_file(src)
     except OSError as e:
         raise IngestError(f"cannot read {src}: {e.strerror or e}; check the file's permissions") from e
+
+    def taken(video: Video | None) -> bool:
+        return (
+            video is not None
+            and video.status != "deleted"
+            and not (retry_failed and video.status == "failed")
+        )
+
     with session_scope(session_factory) as session:
         existing = catalog.get_video_by_sha256(session, sha256)
-        if existing is not None and existing.status != "deleted":
+        if existing is not None and taken(existing):
             result = _duplicate(session, existing)
-    if existing is not None and existing.status != "deleted":
+    if taken(existing):
         if mode == "move":
             src.unlink(missing_ok=True)  # an upload whose bytes we already hold
         logger.info("%s is a duplicate of video %s", src, result.video_id)
@@ -173,10 +183,12 @@ def ingest_file(
             meta=meta or {},
         )
         video, new = catalog.create_video(session, sha256=sha256, **values)
-        if not new and video.status != "deleted":
+        if not new:  # lock the row: two callers reviving the same video must not both queue a job
+            session.refresh(video, with_for_update=True)
+        if not new and taken(video):
             result = _duplicate(session, video)  # lost a race with another ingest of the same bytes
         else:
-            if not new:  # deleted earlier, ingested again: the same row comes back to life
+            if not new:  # deleted (or failed) earlier, ingested again: the same row comes back to life
                 for key, value in values.items():
                     setattr(video, key, value)
                 video.status, video.error = "pending", None

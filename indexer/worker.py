@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -21,7 +21,7 @@ from indexer import catalog, jobs
 from indexer.catalog import Job
 from indexer.db import session_scope, utcnow
 from indexer.ingest import IngestError, StoreMode, discover, ingest_file
-from indexer.live_index import register_model, save_snapshot
+from indexer.live_index import IndexMismatchError, register_model, save_snapshot
 from indexer.paths import DataDir
 from indexer.pipeline import Encoder, PipelineConfig, TaskResult, VideoTask, Writer, run_pipeline
 from indexer.token_store import TokenStore
@@ -146,16 +146,22 @@ class Worker:
     def _claim_task(self) -> VideoTask | None:
         while True:
             with session_scope(self.factory) as session:
+                active = catalog.get_active_model(session)
+                if self._require_active and active is not None and active.id != self.model_id:
+                    # The library switched models under this worker: stop before taking another job.
+                    raise IndexMismatchError(
+                        f"the active model is now {active.id!r}; restart this worker with that model"
+                    )
                 job = jobs.claim_next(session, self.worker_id, self.lease_s)
                 if job is None:
                     return None
-                task = self._task_for(session, job)
+                task = self._task_for(session, job, mine_active=active is None or active.id == self.model_id)
             if task is not None:
                 with self._lock:
                     self._inflight[job.id] = time.monotonic()
                 return task
 
-    def _task_for(self, session: Session, job: Job) -> VideoTask | None:
+    def _task_for(self, session: Session, job: Job, *, mine_active: bool) -> VideoTask | None:
         """The job as a pipeline task, or None after settling a job that cannot run here."""
         video = catalog.get_video(session, job.video_id) if job.video_id is not None else None
         if video is None or video.status == "deleted" or not video.stored_path:
@@ -163,27 +169,19 @@ class Worker:
             return None
         if job.kind == "reindex" and job.model_id != self.model_id:
             # Another model's generation: leave it to a worker (or `indexer reindex`) running that model.
+            delay = timedelta(seconds=max(self.poll_s, 5.0))
             session.execute(
                 update(Job)
                 .where(Job.id == job.id)
-                .values(
-                    state="queued",
-                    attempts=Job.attempts - 1,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    run_after=utcnow() + timedelta(seconds=max(self.poll_s, 5.0)),
-                )
-            )
+                .values(state="queued", attempts=Job.attempts - 1, lease_owner=None, lease_expires_at=None,
+                        run_after=utcnow() + delay)
+            )  # fmt: skip
             return None
         if job.kind == "ingest":
             video.status = "indexing"
-        active = catalog.get_active_model(session)
-        return VideoTask(
-            video.id,
-            self.data.resolve(video.stored_path),
-            job.id,
-            set_ready=active is None or active.id == self.model_id,
-        )
+        # An ingest always settles the video's status; a reindex job only for the active model.
+        set_ready = job.kind == "ingest" or mine_active
+        return VideoTask(video.id, self.data.resolve(video.stored_path), job.id, set_ready=set_ready)
 
     def _take_back_dead_local_leases(self) -> None:
         """Expire the leases of workers on this host whose process is gone, so their jobs resume now."""
@@ -247,8 +245,10 @@ class Worker:
             reason = str(result.error) or type(result.error).__name__
             with session_scope(self.factory) as session:
                 job = jobs.fail(session, task.job_id, reason, result.retryable, worker_id=self.worker_id)
-                if job is not None and job.state == "failed" and task.set_ready:
-                    catalog.set_video_status(session, task.video_id, "failed", error=reason)
+                video = catalog.get_video(session, task.video_id)
+                if job is not None and job.state == "failed" and task.set_ready and video is not None:
+                    if video.status != "deleted":
+                        catalog.set_video_status(session, task.video_id, "failed", error=reason)
         if self._observer is not None:
             self._observer(result)
 
@@ -321,6 +321,7 @@ def add_paths(
     mode: StoreMode = "in_place",
     recursive: bool = True,
     max_attempts: int = 3,
+    retry_failed: bool = False,
     config: PipelineConfig | None = None,
     on_start: Callable[[int], None] | None = None,
     on_result: Callable[[TaskResult], None] | None = None,
@@ -335,7 +336,8 @@ def add_paths(
     report = BulkReport(files=len(files))
     if on_start is not None:
         on_start(len(files))
-    worker = Worker(session_factory, data, model, config=config, on_result=on_result)
+    # A short poll: the worker starts before the first job is queued and must not idle a second.
+    worker = Worker(session_factory, data, model, poll_s=0.1, config=config, on_result=on_result)
     job_ids: list[int] = []
     by_video: dict[int, Path] = {}
     hashed = threading.Event()
@@ -353,8 +355,9 @@ def add_paths(
         for path in files:
             try:
                 result = ingest_file(
-                    session_factory, data, path, model_id=model.model_id, mode=mode, max_attempts=max_attempts
-                )
+                    session_factory, data, path, model_id=model.model_id, mode=mode, max_attempts=max_attempts,
+                    retry_failed=retry_failed,
+                )  # fmt: skip
             except (IngestError, OSError) as e:
                 report.failed[str(path)] = str(e)
                 continue
@@ -376,8 +379,9 @@ def add_paths(
 
 
 def settle(
-    session_factory: sessionmaker[Session], model_id: str, by_video: dict[Any, Path | str], report: BulkReport
+    session_factory: sessionmaker[Session], model_id: str, by_video: Mapping[int, object], report: BulkReport
 ) -> None:
+    """Count each video's outcome into the report (`by_video` maps it to what the user called it)."""
     with session_scope(session_factory) as session:
         for video_id, path in by_video.items():
             video = catalog.get_video(session, video_id)

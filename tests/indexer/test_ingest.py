@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from indexer import catalog
 from indexer.catalog import Change, Job, Segment, Video
 from indexer.db import make_engine, make_session_factory, session_scope
 from indexer.ingest import IngestError, delete_video, discover, ingest_file, sha256_file
@@ -166,3 +167,16 @@ def test_delete_video_vanishes_then_frees_its_files(
     revived = ingest_file(factory, data, video, model_id=model.model_id, mode="copy")
     assert (revived.video_id, revived.duplicate_of, revived.status) == (result.video_id, None, "pending")
     assert stored.exists()
+
+
+def test_a_failed_video_is_tried_again_only_when_asked(
+    session_factory: sessionmaker[Session], data: DataDir, video: Path
+) -> None:
+    first = ingest_file(session_factory, data, video, model_id=MODEL_ID)
+    with session_scope(session_factory) as session:
+        catalog.set_video_status(session, first.video_id, "failed", error="decoder crashed")
+    again = ingest_file(session_factory, data, video, model_id=MODEL_ID)
+    assert (again.status, again.job_id, again.duplicate_of) == ("failed", first.job_id, first.video_id)
+    retried = ingest_file(session_factory, data, video, model_id=MODEL_ID, retry_failed=True)
+    assert (retried.video_id, retried.status, retried.duplicate_of) == (first.video_id, "pending", None)
+    assert retried.job_id != first.job_id and _count(session_factory, Job) == 2

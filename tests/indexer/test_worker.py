@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from indexer import jobs
 from indexer.catalog import Job, Segment, Video
 from indexer.db import make_engine, make_session_factory, session_scope, utcnow
-from indexer.ingest import ingest_file
+from indexer.ingest import delete_video, ingest_file
 from indexer.live_index import IndexMismatchError
 from indexer.paths import DataDir
 from indexer.pipeline import Encoder
@@ -193,3 +193,28 @@ def test_start_thread_follows_the_queue_until_stopped(factory, data, model, tmp_
     assert not thread.is_alive()
     with session_scope(factory) as session:
         assert session.get(Video, video_id).status == "ready"
+
+
+class _DeletedDuringEncode(Encoder):
+    def __init__(
+        self, model: TokenBinder, factory: sessionmaker[Session], data: DataDir, video_id: int
+    ) -> None:
+        super().__init__(model)
+        self.factory, self.data, self.video_id = factory, data, video_id
+
+    def encode(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        delete_video(self.factory, self.data, self.video_id)
+        return super().encode(frames)
+
+
+def test_a_video_deleted_while_it_is_indexed_stays_deleted(factory, data, model, tmp_path: Path) -> None:
+    video_id, job_id = _ingest(factory, data, _clip(tmp_path, 0), model.model_id)
+    worker = Worker(factory, data, model)
+    worker.encoder = _DeletedDuringEncode(model, factory, data, video_id)
+    assert worker.run_once()
+    worker.close()
+    job = _job(factory, job_id)
+    assert job.state == "failed" and "deleted" in job.error
+    with session_scope(factory) as session:
+        assert session.get(Video, video_id).status == "deleted" and not session.scalars(select(Segment)).all()
+    assert not data.pending(model.model_id)
