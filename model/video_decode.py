@@ -69,8 +69,12 @@ class StreamMeta:
     first_frame_s: float
 
 
-def open_video(path: str | Path) -> tuple[av.container.InputContainer, StreamMeta]:
-    """Open a video, check it is usable, and decode its first frame; raises VideoDecodeError."""
+def open_video(path: str | Path, threads: int = 0) -> tuple[av.container.InputContainer, StreamMeta]:
+    """Open a video, check it is usable, and decode its first frame; raises VideoDecodeError.
+
+    threads: decoder threads; 0 picks frame threading for frames of 640x360 and up, 1 decodes on
+    one core (the least CPU per frame, best when other work runs beside it).
+    """
     p = Path(path)
     try:
         size = p.stat().st_size
@@ -91,13 +95,13 @@ def open_video(path: str | Path) -> tuple[av.container.InputContainer, StreamMet
     except (av.error.FFmpegError, OSError) as e:
         raise VideoDecodeError(p, VideoDecodeError.UNREADABLE, str(e)) from e
     try:
-        return container, _read_meta(p, container, size)
+        return container, _read_meta(p, container, size, threads)
     except BaseException:
         container.close()
         raise
 
 
-def _read_meta(p: Path, container: av.container.InputContainer, file_size: int) -> StreamMeta:
+def _read_meta(p: Path, container: av.container.InputContainer, file_size: int, threads: int) -> StreamMeta:
     fmt = container.format.name
     if fmt in IMAGE_FORMATS or fmt.endswith("_pipe"):
         raise VideoDecodeError(p, VideoDecodeError.NOT_A_VIDEO, f"it is a still image ({fmt})")
@@ -133,7 +137,11 @@ def _read_meta(p: Path, container: av.container.InputContainer, file_size: int) 
             p, VideoDecodeError.CORRUPT, f"data ends at byte {file_size}, index needs {last.pos + last.size}"
         )
     # Threading must be chosen before the first decode opens the codec.
-    stream.thread_type = "AUTO" if width * height >= THREADED_MIN_PIXELS else "NONE"
+    if threads == 0:
+        stream.thread_type = "AUTO" if width * height >= THREADED_MIN_PIXELS else "NONE"
+    else:
+        stream.thread_type = "AUTO" if threads > 1 else "NONE"
+        stream.thread_count = threads
     try:
         first = next(container.decode(stream), None)
     except av.error.FFmpegError as e:

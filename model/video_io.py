@@ -80,11 +80,17 @@ def iter_segment_frames(
     num_frames: int,
     size: int,
     thumb_max_side: int = 320,
+    *,
+    decode_threads: int = 0,
 ) -> Iterator[SegmentFrames]:
-    """Each window's frames (short side to size, centre crop) and middle thumbnail, one window at a time."""
+    """Each window's frames (short side to size, centre crop) and middle thumbnail, one window at a time.
+
+    decode_threads: 0 lets the decoder use every core on large frames; 1 keeps it on one core, which
+    costs the least CPU per frame when other work (the image encoder) runs at the same time.
+    """
     if size < 1 or thumb_max_side < 1:
         raise ValueError(f"size and thumb_max_side must be >= 1, got {size} and {thumb_max_side}")
-    container, meta = open_video(path)
+    container, meta = open_video(path, decode_threads)
     try:
         yield from _sample_windows(container, meta, windows, num_frames, size, thumb_max_side)
     finally:
@@ -92,12 +98,18 @@ def iter_segment_frames(
 
 
 def read_clip(
-    path: str | Path, num_frames: int, size: int, start: float | None = None, end: float | None = None
+    path: str | Path,
+    num_frames: int,
+    size: int,
+    start: float | None = None,
+    end: float | None = None,
+    *,
+    decode_threads: int = 0,
 ) -> np.ndarray:
     """Frames [T, size, size, 3] sampled evenly over [start, end) (default: the whole video)."""
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
-    container, meta = open_video(path)
+    container, meta = open_video(path, decode_threads)
     try:
         lo = 0.0 if start is None else max(0.0, float(start))
         hi = meta.duration_s if end is None else min(float(end), meta.duration_s)

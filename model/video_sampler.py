@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 from collections.abc import Iterator
@@ -40,13 +41,13 @@ class FrameSampler:
         self._frames: Iterator[av.VideoFrame] | None = None  # None: seek before decoding
         self._prev: av.VideoFrame | None = None  # newest frame shown at or before the last target
         self._ahead: av.VideoFrame | None = None  # decoded frame past the last target
-        self._wanted = np.empty(0)
+        self._wanted: list[float] = []
         self._errors = 0
         self._scalers: dict[tuple[int, int], av.video.reformatter.VideoReformatter] = {}
 
     def want(self, times: np.ndarray) -> None:
         """Every time that will be asked for; frames near none of them may skip decoding if disposable."""
-        self._wanted = np.sort(np.asarray(times, dtype=np.float64))
+        self._wanted = sorted(np.asarray(times, dtype=np.float64).tolist())
 
     def frames_at(self, times: np.ndarray) -> list[av.VideoFrame]:
         """The frame shown at each time (times ascending, seconds from the stream start)."""
@@ -153,7 +154,7 @@ class FrameSampler:
             if packet.pts is not None and packet.size:
                 p0 = packet.pts * self._meta.time_base - self._meta.start_s
                 p1 = p0 + (packet.duration * self._meta.time_base if packet.duration else self._frame_s)
-                i = np.searchsorted(self._wanted, p0 - tol)
+                i = bisect.bisect_left(self._wanted, p0 - tol)
                 needed = i < len(self._wanted) and self._wanted[i] < p1 + tol
                 # Disposable (non-reference) frames nobody asked for need not be decoded at all.
                 self._codec.skip_frame = "DEFAULT" if needed else "NONREF"

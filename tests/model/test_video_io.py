@@ -164,6 +164,10 @@ def test_long_gop_b_frame_file_matches_decord_exactly(tmp_path: Path) -> None:
     times = np.concatenate([sample_times(a, b, 6) for a, b in windows])
     ref = decord_get_batch(path, times)[:, :, 140:500]
     assert np.abs(ours.astype(np.int16) - ref).mean(axis=(1, 2, 3)).max() < 1.0
+    one_core = np.concatenate(
+        [s.frames for s in iter_segment_frames(path, windows, 6, 360, decode_threads=1)]
+    )
+    np.testing.assert_array_equal(one_core, ours)
 
 
 @pytest.mark.parametrize(
