@@ -69,7 +69,7 @@ class Worker:
             session_factory, data, self.model_id, self.store, on_commit=self._complete, jpeg_quality=85
         )
         self._observer = on_result
-        self._inflight: dict[int, float] = {}  # job id -> last progress write (monotonic)
+        self._inflight: dict[int, tuple[str, float]] = {}  # job id -> (state, monotonic time) last written
         self._lock = threading.Lock()
         self._registered = False
         self._require_active = require_active
@@ -158,7 +158,7 @@ class Worker:
                 task = self._task_for(session, job, mine_active=active is None or active.id == self.model_id)
             if task is not None:
                 with self._lock:
-                    self._inflight[job.id] = time.monotonic()
+                    self._inflight[job.id] = ("decoding", time.monotonic())
                 return task
 
     def _task_for(self, session: Session, job: Job, *, mine_active: bool) -> VideoTask | None:
@@ -228,9 +228,10 @@ class Worker:
         now = time.monotonic()
         with self._lock:
             last = self._inflight.get(task.job_id)
-            if last is None or now - last < _PROGRESS_EVERY_S:
+            # A new state is written at once; progress within a state at most every _PROGRESS_EVERY_S.
+            if last is None or (last[0] == state and now - last[1] < _PROGRESS_EVERY_S):
                 return
-            self._inflight[task.job_id] = now
+            self._inflight[task.job_id] = (state, now)
         try:
             with session_scope(self.factory) as session:
                 jobs.set_state(session, task.job_id, state, fraction, worker_id=self.worker_id)

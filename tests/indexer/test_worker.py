@@ -19,7 +19,7 @@ from indexer.db import make_engine, make_session_factory, session_scope, utcnow
 from indexer.ingest import delete_video, ingest_file
 from indexer.live_index import IndexMismatchError
 from indexer.paths import DataDir
-from indexer.pipeline import Encoder
+from indexer.pipeline import Encoder, PipelineConfig
 from indexer.synth import write_hostile_files, write_pattern_video
 from indexer.worker import Worker
 from model.checkpoint import load_model, save_checkpoint
@@ -59,16 +59,35 @@ def _job(factory: sessionmaker[Session], job_id: int) -> Job:
         return job
 
 
-def test_run_once_indexes_one_job(factory, data: DataDir, model: TokenBinder, tmp_path: Path) -> None:
-    video_id, job_id = _ingest(factory, data, _clip(tmp_path, 0), model.model_id)
-    worker = Worker(factory, data, model)
+class _StateSpy(Encoder):
+    """Records the job's (state, progress) as the catalog shows it at each encoder call."""
+
+    def __init__(self, model: TokenBinder, factory: sessionmaker[Session], job_id: int) -> None:
+        super().__init__(model)
+        self.factory, self.job_id, self.seen = factory, job_id, []
+
+    def encode(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        job = _job(self.factory, self.job_id)
+        self.seen.append((job.state, job.progress))
+        return super().encode(frames)
+
+
+def test_run_once_indexes_one_job_through_its_states(
+    factory, data, model: TokenBinder, tmp_path: Path
+) -> None:
+    path = write_pattern_video(tmp_path / "v.mp4", 3.0, 64, 48, 8, gop=8)
+    video_id, job_id = _ingest(factory, data, path, model.model_id)
+    config = PipelineConfig(max_segment_s=1.0, window_s=1.0, batch_size=1)
+    worker = Worker(factory, data, model, config=config)
+    worker.encoder = spy = _StateSpy(model, factory, job_id)
     assert worker.run_once() and not worker.run_once()
     worker.close()
+    assert spy.seen[0] == ("decoding", 0.0) and spy.seen[-1][0] == "encoding" and 0 < spy.seen[-1][1] < 1
     job = _job(factory, job_id)
     assert (job.state, job.progress, job.attempts, job.lease_owner) == ("ready", 1.0, 1, None)
     with session_scope(factory) as session:
         assert session.get(Video, video_id).status == "ready"
-        assert len(session.scalars(select(Segment).where(Segment.video_id == video_id)).all()) == 1
+        assert len(session.scalars(select(Segment).where(Segment.video_id == video_id)).all()) == 3
 
 
 def test_an_undecodable_file_fails_at_once_with_its_reason(factory, data, model, tmp_path: Path) -> None:
