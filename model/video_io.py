@@ -169,6 +169,8 @@ def decord_get_batch(
         except decord.DECORDError as e:
             raise VideoDecodeError(path, VideoDecodeError.CORRUPT, f"decord: {e}") from e
 
+    if len(times) == 0:
+        return np.empty((0, 0, 0, 3), np.uint8)
     vr = reader()
     starts = vr.get_frame_timestamp(range(len(vr)))[:, 0]
     # len(vr) can count frames that never decode; indices are clamped and a failing batch steps back.
