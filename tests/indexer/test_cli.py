@@ -115,3 +115,14 @@ def test_synth_writes_a_sample_library(cli, tmp_path: Path) -> None:
     code, out, _ = cli("synth", *args, "--workers", "1", "--json")
     assert code == 0 and json.loads(out)["clips"] == 6
     assert len(list((out_dir / "clips").glob("*.mp4"))) == 6 and (out_dir / "manifest.jsonl").is_file()
+
+
+@pytest.mark.postgres
+def test_a_postgresql_catalog_through_database_url(postgres_url: str, cli, tmp_path: Path) -> None:
+    lib = _library(tmp_path / "lib", 2)
+    db = ["--database-url", postgres_url]
+    assert cli("migrate", *db)[0] == 0
+    code, out, _ = cli("add", *db, "--json", str(lib))
+    assert code == 0 and json.loads(out)["indexed"] == 2
+    assert cli("verify", *db)[0] == 0
+    assert not (tmp_path / "data" / "catalog.db").exists(), "nothing went to the default SQLite catalog"
