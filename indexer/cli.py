@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from indexer import catalog
@@ -106,6 +107,12 @@ class Progress:
                 self._bar.total = total
                 self._bar.refresh()
 
+    def skip(self) -> None:
+        """A file that needed no work (indexed or failed in an earlier run)."""
+        with self._lock:
+            if self._bar is not None:
+                self._bar.update(1)
+
     def result(self, result: TaskResult) -> None:
         with self._lock:
             if self._bar is None or not (result.ok or not result.retryable):
@@ -129,7 +136,8 @@ def _failures(failed: dict[str, str]) -> str:
 # --- commands ---------------------------------------------------------------------------------------------
 def cmd_migrate(env: Env) -> int:
     upgrade_database(env.url)
-    env.emit({"migrated": env.url}, "catalog schema is at the newest revision")
+    url = make_url(env.url).render_as_string(hide_password=True)
+    env.emit({"migrated": url}, f"the catalog at {url} is at the newest schema revision")
     return 0
 
 
@@ -150,6 +158,7 @@ def cmd_add(env: Env) -> int:
             retry_failed=a.retry_failed,
             config=env.pipeline_config(),
             on_start=bar.start,
+            on_skip=bar.skip,
             on_result=bar.result,
         )
     finally:

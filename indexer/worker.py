@@ -325,6 +325,7 @@ def add_paths(
     retry_failed: bool = False,
     config: PipelineConfig | None = None,
     on_start: Callable[[int], None] | None = None,
+    on_skip: Callable[[], None] | None = None,
     on_result: Callable[[TaskResult], None] | None = None,
 ) -> BulkReport:
     """Ingest files (folders, globs) and index them in this process; re-running after a crash completes the run.
@@ -361,11 +362,14 @@ def add_paths(
                 )  # fmt: skip
             except (IngestError, OSError) as e:
                 report.failed[str(path)] = str(e)
-                continue
-            by_video[result.video_id] = path
-            if result.job_id is not None:
-                job_ids.append(result.job_id)
-            report.already += result.duplicate_of is not None and result.status == "ready"
+                result = None
+            if result is not None:
+                by_video[result.video_id] = path
+                if result.job_id is not None:
+                    job_ids.append(result.job_id)
+                report.already += result.duplicate_of is not None and result.status == "ready"
+            if on_skip is not None and (result is None or result.status in ("ready", "failed")):
+                on_skip()
     finally:
         hashed.set()
         thread.join()
