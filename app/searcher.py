@@ -162,6 +162,17 @@ class Searcher:
             self.search_batch, batch_max_size, batch_max_wait_s, name="search-batch"
         )
 
+    def warm_up(self) -> None:
+        """One encode and one focused-view forward, so the first real query does not pay for lazy set-up."""
+        k, T, D = self.top_k, self.num_frames, self.model.config.embed_dim
+        with torch.inference_mode():
+            text = self.model.encode_queries(["warm up"])
+            self.model.rescore_videos(
+                text.indicators.to(self.model.dtype),
+                torch.zeros(1, k, T, D, dtype=self.model.dtype, device=self.model.device),
+                torch.ones(1, k, dtype=torch.bool, device=self.model.device),
+            )
+
     async def start(self) -> None:
         await self.batcher.start()
 

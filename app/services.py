@@ -98,6 +98,7 @@ def open_services(settings: Settings, metrics: Metrics) -> Services:
             batch_max_wait_s=settings.batch_max_wait_ms / 1000,
             observe=metrics.observe_stage,
         )
+        searcher.warm_up()
         fetcher = UrlFetcher(
             allow_private=settings.allow_private_urls,
             timeout_s=settings.url_timeout_s,

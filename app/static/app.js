@@ -60,7 +60,7 @@ async function refreshHealth() {
     const ready = response.ok && body.ready;
     $("status-dot").className = `dot ${ready ? "ok" : "warn"}`;
     $("status-text").textContent = ready
-      ? `${body.index.size.toLocaleString()} moments indexed · ${body.model.id} · ${body.model.device}`
+      ? `${body.index.size.toLocaleString()} moment${body.index.size === 1 ? "" : "s"} indexed · ${body.model.id} · ${body.model.device}`
       : "starting…";
     $("apikey-field").hidden = !body.auth_required;
     if (body.auth_required && sessionStorage.getItem(KEY_STORAGE)) {

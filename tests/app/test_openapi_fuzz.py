@@ -62,7 +62,7 @@ def test_api_conforms_to_its_schema(fuzz_server: str) -> None:
 
         @hypothesis.given(case=operation.as_strategy())
         @hypothesis.settings(
-            max_examples=30,
+            max_examples=20,
             deadline=None,
             suppress_health_check=list(hypothesis.HealthCheck),
             derandomize=True,

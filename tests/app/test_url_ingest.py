@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
 from app.deps import get_fetcher
 from app.url_fetch import UrlFetcher
@@ -68,20 +69,36 @@ def server(clips) -> Iterator[str]:
     httpd.server_close()
 
 
-def _incoming(tmp_path: Path) -> list[Path]:
-    folder = tmp_path / "data" / "incoming"
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def fetching(request, new_database, launch, tmp_path_factory) -> Iterator[tuple[TestClient, Path]]:
+    """One app per backend allowed to fetch from the local server, with tight limits to hit."""
+    folder = tmp_path_factory.mktemp("fetching")
+    limits = dict(url_timeout_s=0.5, url_max_redirects=3, max_upload_bytes=1_000_000)
+    with launch(folder / "data", new_database(request.param), allow_private_urls=True, **limits) as client:
+        yield client, folder / "data"
+
+
+@pytest.fixture(scope="module")
+def refusing(new_database, launch, tmp_path_factory) -> Iterator[TestClient]:
+    """The default: private addresses refused (refusals touch no database, so one backend is enough)."""
+    with launch(tmp_path_factory.mktemp("refusing") / "data", new_database("sqlite")) as client:
+        yield client
+
+
+def _incoming(data: Path) -> list[Path]:
+    folder = data / "incoming"
     return [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
 
 
-def test_url_from_an_allowed_private_server(service, server, api):
-    with service(allow_private_urls=True) as client:
-        r = client.post("/videos", json={"url": f"{server}/clip.mp4", "meta": {"from": "test"}})
-        assert r.status_code == 202, r.text
-        assert api.wait_job(client, r.json()["job_id"])["state"] == "ready"
-        video = client.get(f"/videos/{r.json()['video_id']}").json()
-        assert video["title"] == "clip" and video["meta"] == {"from": "test"}
-        again = client.post("/videos", json={"url": f"{server}/redirect", "title": "via redirect"})
-        assert again.status_code == 200 and again.json()["duplicate_of"] == r.json()["video_id"]
+def test_url_from_an_allowed_private_server(fetching, server, api):
+    client, _ = fetching
+    r = client.post("/videos", json={"url": f"{server}/clip.mp4", "meta": {"from": "test"}})
+    assert r.status_code == 202, r.text
+    assert api.wait_job(client, r.json()["job_id"])["state"] == "ready"
+    video = client.get(f"/videos/{r.json()['video_id']}").json()
+    assert video["title"] == "clip" and video["meta"] == {"from": "test"}
+    again = client.post("/videos", json={"url": f"{server}/redirect", "title": "via redirect"})
+    assert again.status_code == 200 and again.json()["duplicate_of"] == r.json()["video_id"]
 
 
 @pytest.mark.parametrize(
@@ -96,33 +113,34 @@ def test_url_from_an_allowed_private_server(service, server, api):
         "http://0.0.0.0:{port}/clip.mp4",
     ],
 )
-def test_private_addresses_are_refused_by_default(service, server, url):
+def test_private_addresses_are_refused_by_default(refusing, server, url):
     port = server.rsplit(":", 1)[1]
-    with service() as client:
-        r = client.post("/videos", json={"url": url.format(server=server, port=port)})
-        assert r.status_code == 403, r.text
-        assert "public addresses" in r.json()["detail"]
+    r = refusing.post("/videos", json={"url": url.format(server=server, port=port)})
+    assert r.status_code == 403, r.text
+    assert "public addresses" in r.json()["detail"]
+    assert refusing.get("/videos").json()["count"] == 0
 
 
 @pytest.mark.parametrize(
-    ("path", "settings", "status", "needle"),
+    ("path", "status", "needle"),
     [
-        ("/missing.mp4", {}, 502, "404"),
-        ("/loop", {"url_max_redirects": 3}, 502, "redirects"),
-        ("/slow.mp4", {"url_timeout_s": 0.5}, 502, "did not answer"),
-        ("/big.mp4", {"max_upload_bytes": 1_000_000}, 413, "TVS_MAX_UPLOAD_BYTES"),
+        ("/missing.mp4", 502, "404"),
+        ("/loop", 502, "redirects"),
+        ("/slow.mp4", 502, "did not answer"),
+        ("/big.mp4", 413, "TVS_MAX_UPLOAD_BYTES"),
     ],
 )
-def test_url_failures(service, server, tmp_path, path, settings, status, needle):
-    with service(allow_private_urls=True, **settings) as client:
-        r = client.post("/videos", json={"url": f"{server}{path}"})
-        assert r.status_code == status, r.text
-        assert needle in r.json()["detail"]
-        assert _incoming(tmp_path) == []
-        assert client.get("/videos").json()["count"] == 0
+def test_url_failures(fetching, server, path, status, needle):
+    client, data = fetching
+    before = client.get("/videos").json()["count"]
+    r = client.post("/videos", json={"url": f"{server}{path}"})
+    assert r.status_code == status, r.text
+    assert needle in r.json()["detail"]
+    assert _incoming(data) == []
+    assert client.get("/videos").json()["count"] == before
 
 
-def test_each_redirect_hop_is_checked_and_connections_are_pinned(service):
+def test_each_redirect_hop_is_checked_and_connections_are_pinned(refusing):
     """A public host redirecting to a private one is refused at the second hop."""
     seen: list[httpx.Request] = []
     public = "93.184.216.34"
@@ -135,8 +153,11 @@ def test_each_redirect_hop_is_checked_and_connections_are_pinned(service):
         return httpx.Response(302, headers={"Location": "http://internal.example/admin"})
 
     fetcher = UrlFetcher(resolver=resolver, transport=httpx.MockTransport(answer))
-    with service(dependency_overrides={get_fetcher: lambda: fetcher}) as client:
-        r = client.post("/videos", json={"url": "http://videos.example/clip.mp4"})
+    refusing.app.dependency_overrides[get_fetcher] = lambda: fetcher
+    try:
+        r = refusing.post("/videos", json={"url": "http://videos.example/clip.mp4"})
+    finally:
+        refusing.app.dependency_overrides.clear()
     assert r.status_code == 403 and "internal.example" in r.json()["detail"]
     assert len(seen) == 1  # the private hop was never contacted
     assert seen[0].url.host == public and seen[0].headers["host"] == "videos.example"

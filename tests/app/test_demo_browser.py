@@ -1,0 +1,88 @@
+"""The demo page in headless Chromium: upload a generated clip, wait for it, search its caption, play it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.settings import DEMO_MODEL_DIR
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--autoplay-policy=no-user-gesture-required",
+]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.skip("chromium is not on the PATH (apt-get install chromium chromium-driver)")
+    return path
+
+
+def test_upload_search_and_play_in_a_browser(serve, new_database, clips, tmp_path, api):
+    chromium = _chromium()
+    sync_api = pytest.importorskip("playwright.sync_api")
+    trained = (REPO / DEMO_MODEL_DIR).is_dir()
+    target = clips[0]
+    model = str(REPO / DEMO_MODEL_DIR) if trained else "tiny"
+    artifacts = Path(os.environ.get("TVS_TEST_ARTIFACTS", tmp_path))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    with serve(tmp_path / "data", new_database("sqlite"), model=model) as base:
+        if trained:
+            # With a trained model the clip must beat its look-alike siblings; a random one cannot.
+            for other in clips[1:6]:
+                with open(other["path"], "rb") as f:
+                    r = httpx.post(
+                        f"{base}/videos",
+                        files={"file": (other["path"].name, f)},
+                        data={"title": other["caption"]},
+                    )
+                assert r.status_code == 202
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            problems: list[str] = []
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.goto(base)
+            sync_api.expect(page.locator("#status-text")).to_contain_text("indexed", timeout=20_000)
+
+            page.set_input_files("#upload-file", str(target["path"]))
+            page.fill("#upload-title", target["caption"])
+            page.click("#upload-button")
+            sync_api.expect(page.locator("#upload-state")).to_contain_text("Ready", timeout=90_000)
+            sync_api.expect(page.locator("#library li")).to_have_count(6 if trained else 1, timeout=10_000)
+
+            page.fill("#query", target["caption"])
+            page.press("#query", "Enter")
+            cards = page.locator("#results .card")
+            sync_api.expect(cards.first).to_be_visible(timeout=20_000)
+            sync_api.expect(cards.first.locator(".card-title")).to_have_text(target["caption"])
+            sync_api.expect(page.locator("#summary")).to_contain_text("moment")
+            sync_api.expect(cards.first).to_have_class("card has-evidence", timeout=10_000)
+
+            cards.first.locator(".card-button").click()
+            sync_api.expect(page.locator("#player")).to_be_visible()
+            page.wait_for_function(
+                "() => { const v = document.getElementById('player-video'); return v.currentTime > 0.2; }",
+                timeout=20_000,
+            )
+            page.locator("#results").scroll_into_view_if_needed()
+            shot = artifacts / "demo-results.png"
+            page.screenshot(path=str(shot), full_page=True)
+            browser.close()
+    assert shot.stat().st_size > 10_000
+    assert not problems, problems
+    if os.environ.get("TVS_UPDATE_SCREENSHOT"):
+        shutil.copyfile(shot, REPO / "docs" / "screenshot.png")
