@@ -225,4 +225,4 @@ def _reindex_candidates(session: Session, model_id: str, *, missing_only: bool) 
     )
     if missing_only:
         stmt = stmt.where(~exists().where(Segment.video_id == Video.id, Segment.model_id == model_id))
-    return [(v, p) for v, p in session.execute(stmt.order_by(Video.id))]
+    return [(v, p) for v, p in session.execute(stmt.order_by(Video.id)) if p is not None]
