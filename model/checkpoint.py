@@ -25,8 +25,16 @@ class CheckpointError(RuntimeError):
     """A checkpoint directory is missing a file or holds something unreadable."""
 
 
-def save_checkpoint(model: TokenBinder, directory: str | os.PathLike[str]) -> Path:
-    """Write config.json and model.safetensors atomically (temp files, then rename)."""
+def save_checkpoint(
+    model: TokenBinder, directory: str | os.PathLike[str], dtype: torch.dtype | None = None
+) -> Path:
+    """Write config.json and model.safetensors atomically (temp files, then rename).
+
+    dtype (e.g. torch.float16) stores the floating-point weights in that type to halve a release's size;
+    loading copies them into the fp32 model, so they come back as fp32.
+    """
+    import copy
+
     from safetensors.torch import save_model
 
     out = Path(directory)
@@ -36,6 +44,8 @@ def save_checkpoint(model: TokenBinder, directory: str | os.PathLike[str]) -> Pa
         f.write(cfg.to_json())
         tmp_cfg = f.name
     tmp_weights = out / (WEIGHTS_FILE + ".tmp")
+    if dtype is not None:
+        model = copy.deepcopy(model).to(dtype)
     save_model(model, str(tmp_weights))
     os.replace(tmp_weights, out / WEIGHTS_FILE)
     os.replace(tmp_cfg, out / CONFIG_FILE)
