@@ -97,16 +97,26 @@ def read_video(
 
 # --- encoder --------------------------------------------------------------------------------------------
 class Encoder:
-    """Frames -> frame tokens and CLS through the model's image tower, without autograd."""
+    """Frames -> frame tokens and CLS through the model's image tower, without autograd.
 
-    def __init__(self, model: TokenBinder) -> None:
+    A batch is run in chunks of at most `max_frames` frames: the activations of a whole batch of
+    long-video segments would otherwise dominate the indexer's memory.
+    """
+
+    def __init__(self, model: TokenBinder, max_frames: int = 32) -> None:
         self.model = model.eval()
+        self.max_frames = max_frames
 
     def encode(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [N, T, S, S, 3] -> (tokens [N, T, D], cls [N, D]) float32 numpy."""
+        step = max(1, self.max_frames // max(1, frames.shape[1]))
+        tokens, cls = [], []
         with torch.inference_mode():
-            out = self.model.encode_frames(self.model.preprocess_frames(frames))
-            return out.frame_tokens.float().cpu().numpy(), out.cls.float().cpu().numpy()
+            for start in range(0, len(frames), step):
+                out = self.model.encode_frames(self.model.preprocess_frames(frames[start : start + step]))
+                tokens.append(out.frame_tokens.float().cpu().numpy())
+                cls.append(out.cls.float().cpu().numpy())
+        return np.concatenate(tokens), np.concatenate(cls)
 
 
 # --- writer ---------------------------------------------------------------------------------------------
@@ -314,9 +324,9 @@ def _encode_loop(
             elif kind == "seg":
                 seg: SegmentFrames = item[2]
                 tok, vec = out[id(item)]
-                encoded.put(
-                    ("seg", task, EncodedSegment(seg.index, seg.start, seg.end, tok, vec, seg.thumbnail))
-                )
+                # A copy: the decoder's array can pin a frame buffer of the decoder until the video ends.
+                thumb = np.array(seg.thumbnail, copy=True)
+                encoded.put(("seg", task, EncodedSegment(seg.index, seg.start, seg.end, tok, vec, thumb)))
                 counts = windows[task]
                 counts[1] += 1
                 if on_progress is not None:

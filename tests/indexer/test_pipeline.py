@@ -87,6 +87,9 @@ def test_encoder_matches_the_model(model: TokenBinder) -> None:
         ref = model.encode_frames(model.preprocess_frames(frames))
     np.testing.assert_allclose(cls, ref.cls.numpy(), atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(cls, axis=1), 1.0, atol=1e-5)
+    chunked_tokens, chunked_cls = Encoder(model, max_frames=T).encode(frames)  # one segment per forward
+    np.testing.assert_allclose(chunked_tokens, tokens, atol=1e-5)
+    np.testing.assert_allclose(chunked_cls, cls, atol=1e-5)
 
 
 def test_writer_makes_tokens_durable_then_commits_once(env, model: TokenBinder, tmp_path: Path) -> None:
