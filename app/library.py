@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.schemas import JobPublic, SearchHit, SegmentPublic, VideoDetail, VideoPublic, VideosPublic
-from app.searcher import Hit
+from app.search_types import Hit
 from indexer import catalog, jobs
 from indexer.catalog import Job, Segment, Video
 from indexer.paths import DataDir

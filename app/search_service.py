@@ -9,7 +9,8 @@ import time
 from app.library import hit_public
 from app.metrics import Metrics
 from app.schemas import ModelInfo, SearchRequest, SearchResponse
-from app.searcher import Searcher, SearchFilter, SearchQuery
+from app.search_types import SearchFilter, SearchQuery
+from app.searcher import Searcher
 
 logger = logging.getLogger(__name__)
 

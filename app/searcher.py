@@ -6,15 +6,21 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.batching import MicroBatcher
-from indexer.catalog import get_segments
+from app.search_types import (
+    Hit,
+    SearchOutcome,
+    SearchQuery,
+    SegmentInfo,
+    load_segment_infos,
+    passes,
+)
 from indexer.token_store import MissingRecordError
 from model.tokenbinder import TokenBinder
 
@@ -36,99 +42,12 @@ class SegmentIndex(Protocol):
     def tokens(self, ids: Sequence[int] | np.ndarray) -> np.ndarray: ...
 
 
-@dataclass(frozen=True)
-class SearchFilter:
-    video_ids: frozenset[int] | None = None
-    min_duration_s: float | None = None
-    max_duration_s: float | None = None
-    created_after: datetime | None = None
-    created_before: datetime | None = None
-
-    @property
-    def active(self) -> bool:
-        return any(v is not None for v in vars(self).values())
-
-
-@dataclass(frozen=True)
-class SearchQuery:
-    text: str
-    limit: int = 10
-    rerank: bool = True
-    group_by: Literal["segment", "video"] = "segment"
-    filter: SearchFilter = field(default_factory=SearchFilter)
-
-
-@dataclass(frozen=True)
-class SegmentInfo:
-    id: int
-    video_id: int
-    title: str | None
-    ordinal: int
-    start_s: float
-    end_s: float
-    has_thumbnail: bool
-    duration_s: float | None
-    created_at: datetime
-
-
-@dataclass(frozen=True)
-class Hit:
-    segment: SegmentInfo
-    score: float  # S = S' + delta inside the re-ranked top-k, else S'
-    broad_score: float  # S' (cosine of I_1 and the segment's CLS)
-    delta: float | None  # the focused view's correction; None when it did not look at this segment
-    broad_rank: int  # 1-based rank by S' among the segments that passed the filter
-    evidence_time: float | None  # seconds into the video: the frame the focused view weighted most
-
-
-@dataclass
-class SearchOutcome:
-    hits: list[Hit]
-    timings_ms: dict[str, float]
-    batch_size: int
-    reranked: bool
-
-
 @dataclass
 class _Pending:
     query: SearchQuery
     cands: list[tuple[SegmentInfo, float]] = field(default_factory=list)  # broad order, filtered
     deltas: np.ndarray | None = None
     evidence: np.ndarray | None = None  # frame index per re-ranked slot
-
-
-def _passes(info: SegmentInfo, f: SearchFilter) -> bool:
-    if f.video_ids is not None and info.video_id not in f.video_ids:
-        return False
-    duration = info.duration_s
-    if f.min_duration_s is not None and (duration is None or duration < f.min_duration_s):
-        return False
-    if f.max_duration_s is not None and (duration is None or duration > f.max_duration_s):
-        return False
-    if f.created_after is not None and info.created_at <= f.created_after:
-        return False
-    return not (f.created_before is not None and info.created_at >= f.created_before)
-
-
-def load_segment_infos(session_factory: sessionmaker[Session], ids: Sequence[int]) -> dict[int, SegmentInfo]:
-    """Catalog rows for segment ids; ids whose segment was deleted are simply absent."""
-    with session_factory() as session:
-        rows = get_segments(session, list(ids))
-        return {
-            s.id: SegmentInfo(
-                id=s.id,
-                video_id=s.video_id,
-                title=s.video.title or s.video.filename,
-                ordinal=s.ordinal,
-                start_s=float(s.start_s),
-                end_s=float(s.end_s),
-                has_thumbnail=bool(s.thumbnail),
-                duration_s=s.video.duration_s,
-                created_at=s.video.created_at,
-            )
-            for s in rows
-            if s.video.status != "deleted"
-        }
 
 
 class Searcher:
@@ -148,7 +67,7 @@ class Searcher:
         session_factory: sessionmaker[Session],
         *,
         top_k: int | None = None,
-        batch_max_size: int = 32,
+        batch_max_size: int = 8,
         batch_max_wait_s: float = 0.003,
         observe: Callable[[str, float], None] | None = None,
     ) -> None:
@@ -236,7 +155,7 @@ class Searcher:
                 p.cands = [
                     (infos[int(i)], float(s))
                     for s, i in zip(scores[r][: fetch[r]], ids[r][: fetch[r]], strict=True)
-                    if int(i) in infos and (not f.active or _passes(infos[int(i)], f))
+                    if int(i) in infos and (not f.active or passes(infos[int(i)], f))
                 ]
                 if not self._enough(p) and fetch[r] < size:
                     retry.append(r)

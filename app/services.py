@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import torch
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -71,6 +72,9 @@ def open_services(settings: Settings, metrics: Metrics) -> Services:
     try:
         check_schema_current(engine)
         factory = make_session_factory(engine)
+        if settings.torch_threads:
+            # Several replicas (or other work) on one machine: oversubscribed OpenMP threads spin and stall.
+            torch.set_num_threads(settings.torch_threads)
         model = prepare_for_inference(load_model(settings.model), settings.device, settings.precision)
         register_model(factory, model, require_active=True)
         cfg = model.config

@@ -1,0 +1,111 @@
+"""What a search asks and answers: queries, filters, catalog facts about segments, hits."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from indexer.catalog import Segment, Video
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SearchFilter:
+    video_ids: frozenset[int] | None = None
+    min_duration_s: float | None = None
+    max_duration_s: float | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in vars(self).values())
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    text: str
+    limit: int = 10
+    rerank: bool = True
+    group_by: Literal["segment", "video"] = "segment"
+    filter: SearchFilter = field(default_factory=SearchFilter)
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    id: int
+    video_id: int
+    title: str | None
+    ordinal: int
+    start_s: float
+    end_s: float
+    has_thumbnail: bool
+    duration_s: float | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Hit:
+    segment: SegmentInfo
+    score: float  # S = S' + delta inside the re-ranked top-k, else S'
+    broad_score: float  # S' (cosine of I_1 and the segment's CLS)
+    delta: float | None  # the focused view's correction; None when it did not look at this segment
+    broad_rank: int  # 1-based rank by S' among the segments that passed the filter
+    evidence_time: float | None  # seconds into the video: the frame the focused view weighted most
+
+
+@dataclass
+class SearchOutcome:
+    hits: list[Hit]
+    timings_ms: dict[str, float]
+    batch_size: int
+    reranked: bool
+
+
+def passes(info: SegmentInfo, f: SearchFilter) -> bool:
+    if f.video_ids is not None and info.video_id not in f.video_ids:
+        return False
+    duration = info.duration_s
+    if f.min_duration_s is not None and (duration is None or duration < f.min_duration_s):
+        return False
+    if f.max_duration_s is not None and (duration is None or duration > f.max_duration_s):
+        return False
+    if f.created_after is not None and info.created_at <= f.created_after:
+        return False
+    return not (f.created_before is not None and info.created_at >= f.created_before)
+
+
+def load_segment_infos(session_factory: sessionmaker[Session], ids: Sequence[int]) -> dict[int, SegmentInfo]:
+    """Catalog rows for segment ids; ids whose segment was deleted are simply absent.
+
+    One joined SELECT of the columns a result needs (not ORM objects): this runs once per batch, on
+    the latency path of every query.
+    """
+    out: dict[int, SegmentInfo] = {}
+    cols = (Segment.id, Segment.video_id, Video.title, Video.filename, Segment.ordinal, Segment.start_s,
+            Segment.end_s, Segment.thumbnail, Video.duration_s, Video.created_at)  # fmt: skip
+    with session_factory() as session:
+        for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit is 999 on old builds
+            chunk = [int(i) for i in ids[start : start + 900]]
+            stmt = select(*cols).join(Video, Segment.video_id == Video.id)
+            stmt = stmt.where(Segment.id.in_(chunk), Video.status != "deleted")
+            for row in session.execute(stmt):
+                out[row.id] = SegmentInfo(
+                    id=row.id,
+                    video_id=row.video_id,
+                    title=row.title or row.filename,
+                    ordinal=row.ordinal,
+                    start_s=float(row.start_s),
+                    end_s=float(row.end_s),
+                    has_thumbnail=bool(row.thumbnail),
+                    duration_s=row.duration_s,
+                    created_at=row.created_at,
+                )
+    return out
