@@ -197,16 +197,26 @@ def cmd_worker(env: Env) -> int:
 def cmd_reindex(env: Env) -> int:
     from indexer.verify import reindex
 
+    a = env.args
+    if a.engine != "ray" and (a.address is not None or a.encoders is not None):
+        raise UsageError("--address and --encoders belong to --engine ray")
+    engine = None
+    if a.engine == "ray":
+        from indexer.ray_engine import RayOptions, import_ray, ray_engine
+
+        import_ray()  # before loading the model: a missing extra is reported at once
+        engine = ray_engine(RayOptions(a.address, a.encoders))
     factory, model, bar = env.sessions(), env.model(), Progress(env, "reindexing")
     try:
         report = reindex(
             factory,
             env.data,
             model,
-            all_videos=env.args.all,
+            all_videos=a.all,
             config=env.pipeline_config(),
             on_start=bar.start,
             on_result=bar.result,
+            engine=engine,
         )
     finally:
         bar.close()
@@ -384,6 +394,20 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--missing", action="store_true", help="only videos without its segments (default)")
     which.add_argument("--all", action="store_true", help="every video, replacing its segments")
+    p.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this process (default); ray: decode and encode on a Ray cluster, write here",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster: auto, local, HOST:PORT or ray://HOST:10001 (default: RAY_ADDRESS, else a local Ray)",
+    )
+    p.add_argument(
+        "--encoders", type=int, default=None, help="Ray encoder actors (default: one per GPU, else one)"
+    )
     p = add("rebuild-index", cmd_rebuild_index, "rebuild the FAISS snapshot from the token store")
     p.add_argument(
         "--factory", default=None, help="FAISS factory string (default: keep the current one, or Flat)"
@@ -428,6 +452,7 @@ def _expected_errors() -> tuple[type[Exception], ...]:
     """Errors that describe a setup or input problem: shown as a message, not a traceback."""
     from indexer.ingest import IngestError
     from indexer.live_index import IndexMismatchError
+    from indexer.ray_engine import RayUnavailableError
     from indexer.token_store import StoreLayoutError
     from indexer.verify import UnknownModelError
     from model.checkpoint import CheckpointError
@@ -440,6 +465,7 @@ def _expected_errors() -> tuple[type[Exception], ...]:
         IngestError,
         IndexMismatchError,
         StoreLayoutError,
+        RayUnavailableError,
         UnknownModelError,
         CheckpointError,
         UnknownPresetError,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from sqlalchemy import exists, select
@@ -175,6 +175,21 @@ def _free_orphans(
 
 
 # --- a new generation ----------------------------------------------------------------------------
+class BulkEngine(Protocol):
+    def process(self, tasks: Iterable[VideoTask]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+EngineFactory = Callable[..., BulkEngine]
+
+
+def _local_engine(
+    session_factory: sessionmaker[Session], data: DataDir, model: TokenBinder, **kwargs: Any
+) -> BulkEngine:
+    return Worker(session_factory, data, model, require_active=False, **kwargs)
+
+
 def reindex(
     session_factory: sessionmaker[Session],
     data: DataDir,
@@ -184,15 +199,18 @@ def reindex(
     config: PipelineConfig | None = None,
     on_start: Callable[[int], None] | None = None,
     on_result: Callable[[TaskResult], None] | None = None,
+    engine: EngineFactory | None = None,
 ) -> BulkReport:
     """Index the library with `model` (videos lacking its segments, or all); then make it the active model.
 
     A new model's segments and tokens form a generation beside the live one; the switch is one
     transaction, taken only when every video is in the new generation. Re-running resumes.
+    `engine` makes what runs the videos (default: a Worker in this process; `indexer.ray_engine` for a
+    Ray cluster); it gets (session_factory, data, model, config=, on_result=).
     """
     started = time.monotonic()
     active = register_model(session_factory, model, require_active=False)
-    worker = Worker(session_factory, data, model, config=config, on_result=on_result, require_active=False)
+    worker = (engine or _local_engine)(session_factory, data, model, config=config, on_result=on_result)
     report = BulkReport()
     seen: dict[int, str] = {}
     try:
