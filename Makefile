@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint typecheck demo clean
+.PHONY: install test lint typecheck validate-deploy gpu-check demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,19 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy app indexer model
+
+# hadolint on the Dockerfiles, docker-compose.yml through docker-compose and the compose-spec schema.
+validate-deploy: $(STAMP)
+	VENV_BIN=$(BIN) bash scripts/validate_deploy.sh
+
+# On a machine with an NVIDIA GPU: CUDA probe, FAISS on the GPU, `pytest -m gpu`, benchmarks.
+gpu-check: $(STAMP)
+	PYTHON=$(BIN)/python bash scripts/gpu_check.sh
+
+# Sample library -> index -> API and demo page at http://127.0.0.1:8000/ (TVS_HOST, TVS_PORT, TVS_DATA_DIR,
+# TVS_MODEL change the defaults; see scripts/demo.sh).
+demo: $(STAMP)
+	VENV=$(VENV) bash scripts/demo.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -1,12 +1,6 @@
 // Demo page for the video search API: search, results with score bars, playback, uploads, library.
 "use strict";
 
-const EXAMPLES = [
-  "a red square moves left, then a blue circle moves up",
-  "a green triangle moves right on a black background",
-  "a yellow circle moves down, then a purple cross moves left",
-  "something moves up on a striped background",
-];
 const KEY_STORAGE = "tvs-api-key";
 const $ = (id) => document.getElementById(id);
 
@@ -351,17 +345,28 @@ async function refreshLibrary() {
   } catch (_) { /* the status chip already says the server is unreachable */ }
 }
 
+// Example queries come from the server: captions of clips in this library (`make demo` writes them).
+async function loadExamples() {
+  const examples = $("examples");
+  try {
+    const response = await fetch("/demo/examples");
+    if (!response.ok) return;
+    const body = await response.json();
+    for (const example of body.examples) {
+      const chip = document.createElement("button");
+      chip.type = "button";
+      chip.className = "chip";
+      chip.textContent = example.query;
+      chip.addEventListener("click", () => { $("query").value = example.query; search(example.query); });
+      examples.appendChild(chip);
+    }
+    examples.hidden = body.examples.length === 0;
+  } catch (_) { /* the status chip already says the server is unreachable */ }
+}
+
 // ---- wiring -------------------------------------------------------------------------------------
 function init() {
-  const examples = $("examples");
-  for (const text of EXAMPLES) {
-    const chip = document.createElement("button");
-    chip.type = "button";
-    chip.className = "chip";
-    chip.textContent = text;
-    chip.addEventListener("click", () => { $("query").value = text; search(text); });
-    examples.appendChild(chip);
-  }
+  loadExamples();
   $("search-form").addEventListener("submit", (e) => { e.preventDefault(); search($("query").value); });
   for (const id of ["opt-rerank", "opt-group", "opt-limit"]) {
     $(id).addEventListener("change", () => { if (state.lastQuery) search(state.lastQuery); });
