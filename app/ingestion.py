@@ -143,12 +143,12 @@ async def ingest_request(
             'send the video as multipart/form-data (a `file` field), or JSON {"path": ...} or {"url": ...}'
         )
     body = await read_limited(request, MAX_JSON_BYTES)
-    source = IngestSourceIn.model_validate_json(body)
-    if source.path is not None:
-        return await run_in_threadpool(ingestor.from_path, source.path, title=source.title, meta=source.meta)
-    received = await fetcher.fetch(str(source.url), incoming, max_upload_bytes)
+    spec = IngestSourceIn.model_validate_json(body)
+    if spec.path is not None:
+        return await run_in_threadpool(ingestor.from_path, spec.path, title=spec.title, meta=spec.meta)
+    received = await fetcher.fetch(str(spec.url), incoming, max_upload_bytes)
     return await run_in_threadpool(
-        ingestor.from_received, received, title=source.title, meta=source.meta, source=str(source.url)
+        ingestor.from_received, received, title=spec.title, meta=spec.meta, source=str(spec.url)
     )
 
 

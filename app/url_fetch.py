@@ -35,7 +35,7 @@ async def resolve_host(host: str, port: int) -> list[IPAddress]:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise UrlFetchError(f"cannot resolve {host!r}: {e.strerror or e}") from e
-    return [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
 
 
 def is_public(address: IPAddress) -> bool:

@@ -214,12 +214,10 @@ class FrameCache:
         return failures
 
     def _decode_one(self, job: tuple[ClipKey, Path, Path]) -> tuple[ClipKey, str | None]:
-        from model.video_io import VideoDecodeError
+        from model.video_io import VideoDecodeError, read_clip
 
         clip, npy, err = job
-        decode = self._decoder
-        if decode is None:
-            from model.video_io import read_clip as decode
+        decode = self._decoder or read_clip
         npy.parent.mkdir(parents=True, exist_ok=True)
         try:
             frames = decode(clip[0], self.num_frames, self.size, start=clip[1], end=clip[2])
@@ -283,7 +281,7 @@ class UniqueVideoBatchSampler:
 
     def __init__(
         self,
-        videos: Sequence[Hashable],
+        videos: Sequence[Hashable] | np.ndarray,
         batch_size: int,
         seed: int = 0,
         drop_last: bool = True,

@@ -76,10 +76,11 @@ class FocusedView(nn.Module):
         self.key_pos = nn.Parameter(torch.randn(seq_len, dim) * 0.02)
         self.slot_emb = nn.Parameter(torch.randn(num_slots, dim) * 0.02)
         self.blocks = nn.ModuleList(CrossAttentionBlock(dim, heads) for _ in range(layers))
-        self.head = nn.Sequential(nn.Linear(num_queries * dim, dim), nn.GELU(), nn.Linear(dim, num_slots))
+        first, last = nn.Linear(num_queries * dim, dim), nn.Linear(dim, num_slots)  # in this order: same init
         # Zero-initialised last layer: an untrained focused view changes no score and no ranking.
-        nn.init.zeros_(self.head[-1].weight)
-        nn.init.zeros_(self.head[-1].bias)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.head = nn.Sequential(first, nn.GELU(), last)
 
     def forward(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,12 +49,14 @@ class TokenBinder(nn.Module):
     def __init__(self, config: TokenBinderConfig, clip: nn.Module | None = None) -> None:
         super().__init__()
         self.config = config
-        self.clip = clip if clip is not None else build_clip(config)
+        # Any: open_clip's CLIP attributes (token_embedding, transformer, ...) are not typed through nn.Module.
+        backbone: Any = clip if clip is not None else build_clip(config)
+        self.clip = backbone
         if getattr(self.clip, "text_pool_type", "argmax") != "argmax":
             raise ValueError(
                 "TokenBinder needs an open_clip CLIP whose text tower pools at the end-of-text token"
             )
-        width = self.clip.token_embedding.weight.shape[1]
+        width = backbone.token_embedding.weight.shape[1]
         dim = config.embed_dim
         n_ind = config.num_indicators - 1
         self.indicators = nn.Parameter(torch.randn(config.num_appended, width) * 0.02)

@@ -225,7 +225,7 @@ def train(
     stop = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, start + cfg.stop_after)
     for epoch in range(start, stop):
         sampler.set_epoch(epoch)
-        t0, sums = time.perf_counter(), {}
+        t0, sums = time.perf_counter(), dict[str, float]()
         bar = tqdm(
             total=len(sampler),
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
