@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy import exc as sa_exc
 from starlette.concurrency import run_in_threadpool
 
 from app.metrics import Metrics, RequestMetricsMiddleware
@@ -24,6 +25,10 @@ from app.settings import Settings
 logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+DATABASE_RETRY_AFTER_S = 5
+# The catalog cannot be reached (server down, network, pool exhausted, SQLite locked or failing I/O): the
+# request may succeed later, so 503 + Retry-After. Integrity and programming errors stay 500s: they are bugs.
+DATABASE_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
 
 
 @asynccontextmanager
@@ -58,6 +63,23 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    # The driver's first line names the failure (refused, timed out, locked); never the URL or credentials.
+    cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    logger.warning(
+        "%s %s: catalog database unavailable (%s: %s)",
+        request.method,
+        request.url.path,
+        type(exc).__name__,
+        cause[0] if cause else "",
+    )
+    return JSONResponse(
+        {"detail": "the catalog database is unreachable right now; try again in a few seconds"},
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; cheap: nothing heavy happens until the lifespan starts."""
     settings = settings or Settings()
@@ -71,6 +93,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.services = None
     app.add_exception_handler(RequestValidationError, _validation_error)
+    for error in DATABASE_UNAVAILABLE:
+        app.add_exception_handler(error, _database_unavailable)
     for module in (search, videos, jobs, system, demo):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=demo.STATIC_DIR), name="static")

@@ -196,7 +196,7 @@ class HealthIndex(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok", "starting"]
+    status: Literal["ok", "starting", "database unreachable"]
     ready: bool
     model: HealthModel | None
     index: HealthIndex | None

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
 
 from app.schemas import HealthIndex, HealthModel, HealthResponse
 from app.services import Services
@@ -14,17 +18,18 @@ logger = logging.getLogger(__name__)
 
 def health(services: Services | None, settings: Settings) -> HealthResponse:
     """Ready only once the model is loaded and the index is open (the lifespan finished)."""
-    common = dict(
+    common: dict[str, Any] = dict(
         worker=settings.worker,
         auth_required=settings.api_key is not None,
         max_upload_bytes=settings.max_upload_bytes,
     )
     if services is None:
         return HealthResponse(status="starting", ready=False, model=None, index=None, **common)
+    reachable = database_reachable(services)
     cfg = services.model.config
     return HealthResponse(
-        status="ok",
-        ready=True,
+        status="ok" if reachable else "database unreachable",
+        ready=reachable,
         model=HealthModel(
             id=services.model.model_id,
             device=services.device,
@@ -38,8 +43,26 @@ def health(services: Services | None, settings: Settings) -> HealthResponse:
     )
 
 
+def database_reachable(services: Services) -> bool:
+    """One round trip to the catalog; False (logged) when the server is down or the network is cut."""
+    try:
+        with services.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as e:
+        logger.warning("health: the catalog database is unreachable (%s)", type(e).__name__)
+        return False
+    return True
+
+
 def jobs_by_state(services: Services | None) -> dict[str, int]:
+    """Job counts for /metrics; empty when the catalog cannot be read (the scrape still gets the rest)."""
     if services is None:
         return {}
-    with services.session_factory() as session:
-        return catalog.job_counts(session)
+    try:
+        with services.session_factory() as session:
+            return catalog.job_counts(session)
+    except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as e:
+        logger.warning(
+            "metrics: job counts unavailable, the catalog database is unreachable (%s)", type(e).__name__
+        )
+        return {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -14,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -30,6 +32,23 @@ from model.tokenbinder import TokenBinder
 logger = logging.getLogger(__name__)
 
 _PROGRESS_EVERY_S = 1.0  # job progress rows are throttled: each update is a catalog write
+_CLAIM_BACKOFF_MAX_S = 10.0
+_DISK_FULL = {
+    errno.ENOSPC: "is full",
+    errno.EDQUOT: "is over its quota",
+    errno.EFBIG: "hit a file-size limit",
+}
+_READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def failure_reason(error: BaseException) -> str:
+    """The text a failed job records: the error's own, said plainly when the data directory cannot be written."""
+    text = str(error) or type(error).__name__
+    if isinstance(error, OSError) and error.errno in _DISK_FULL:
+        return f"the data directory {_DISK_FULL[error.errno]} ({text}); free space, then add the video again"
+    if isinstance(error, OSError) and error.errno in _READ_ONLY:
+        return f"the data directory is read-only or not writable ({text}); fix that, then add the video again"
+    return text
 
 
 class LostLeaseError(RuntimeError):
@@ -134,8 +153,19 @@ class Worker:
     def _tasks(
         self, stop: threading.Event, until: Callable[[], bool] | None, done: threading.Event
     ) -> Iterator[VideoTask]:
+        failures = 0
         while not stop.is_set() and not done.is_set():
-            task = self._claim_task()
+            try:
+                task = self._claim_task()
+            except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as e:
+                # The database is restarting or unreachable: wait and claim again rather than die.
+                failures += 1
+                delay = min(_CLAIM_BACKOFF_MAX_S, self.poll_s * 2 ** min(failures, 8))
+                logger.warning("cannot claim jobs, the database is unreachable (%s); retrying in %.1f s",
+                               type(e).__name__, delay)  # fmt: skip
+                stop.wait(delay)
+                continue
+            failures = 0
             if task is not None:
                 yield task
             elif until is not None and until():
@@ -243,7 +273,7 @@ class Worker:
         with self._lock:
             self._inflight.pop(task.job_id or -1, None)
         if not result.ok and task.job_id is not None and not isinstance(result.error, LostLeaseError):
-            reason = str(result.error) or type(result.error).__name__
+            reason = failure_reason(result.error) if result.error is not None else "unknown error"
             with session_scope(self.factory) as session:
                 job = jobs.fail(session, task.job_id, reason, result.retryable, worker_id=self.worker_id)
                 video = catalog.get_video(session, task.video_id)

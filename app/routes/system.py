@@ -21,7 +21,12 @@ router = APIRouter(tags=["system"])
 @router.get(
     "/health",
     response_model=HealthResponse,
-    responses={503: {"model": HealthResponse, "description": "not ready: the model or index is not loaded"}},
+    responses={
+        503: {
+            "model": HealthResponse,
+            "description": "not ready: the model or index is not loaded, or the database is unreachable",
+        }
+    },
 )
 def get_health(request: Request, response: Response, settings: SettingsDep) -> HealthResponse:
     # Reads app.state directly rather than through ServicesDep, which answers 503 without a body.
