@@ -2,54 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from subprocs import start_api, stop, wait_ready
 
 pytestmark = pytest.mark.postgres
 VISIBLE_WITHIN_S = 2.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start(data_dir: Path, db_url: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
-    env = {
-        **os.environ,
-        "TVS_DATA_DIR": str(data_dir),
-        "TVS_DATABASE_URL": db_url,
-        "TVS_MODEL": "tiny",
-        "TVS_FOLLOW_INTERVAL_S": "0.25",
-    }
-    cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], base: str, log: Path) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{base} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{base} did not become ready:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture
@@ -58,17 +20,13 @@ def two_servers(new_database, serve, tmp_path: Path) -> Iterator[tuple[str, str]
     db_url = new_database("postgres")
     data = tmp_path / "data"
     log = tmp_path / "b.log"
-    proc, other = _start(data, db_url, log)
+    proc, other = start_api(data, db_url, log)
     try:
         with serve(data, db_url, follow_interval_s=0.25) as here:
-            _wait_ready(proc, other, log)
+            wait_ready(proc, other, log)
             yield here, other
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def _ids(base: str) -> set[int]:
