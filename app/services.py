@@ -52,8 +52,8 @@ class Services:
         if self.worker is not None:
             self.worker.close()
         try:
-            if self.index.last_seq > self.opened_seq:
-                self.index.snapshot()  # a cache for the next start-up; never required
+            if self.index.last_seq > self.opened_seq or self.index.rebuilt:
+                self.index.snapshot()  # a cache for the next start-up (replacing a damaged one); never required
         except OSError as e:
             logger.warning("could not save the index snapshot on shutdown: %s", e)
         self.index.close()

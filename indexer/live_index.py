@@ -101,6 +101,7 @@ class LiveIndex:
         self._start_seq = 0
         self._following = False
         self._lock = threading.RLock()  # applying changes vs. taking a snapshot
+        self.rebuilt = False  # open() found no usable snapshot and built the index from the token store
 
     # --- lifecycle ----------------------------------------------------------------------------------
     def open(self, *, follow: bool = True, rebuild: bool = False, check_active: bool = True) -> LiveIndex:
@@ -110,7 +111,16 @@ class LiveIndex:
         self._store = TokenStore(
             self.data.tokens_dir(self.model_id), self.num_frames, self.dim, readonly=True
         )
-        if rebuild or not self._load():
+        damaged = self._store.damaged_shards()
+        if damaged:
+            # The snapshot would serve segments whose tokens are gone: rebuild from the records still valid.
+            logger.warning(
+                "token store damaged (%s); rebuilding the index from the valid records; "
+                "`indexer verify --repair` re-encodes the rest",
+                "; ".join(damaged),
+            )
+        self.rebuilt = bool(rebuild or damaged or not self._load())
+        if self.rebuilt:
             self._rebuild()
         self._following = follow
         self._follow()

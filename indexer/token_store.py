@@ -122,6 +122,7 @@ class TokenStore:
         self._dir_dirty = False
         self._lock = threading.Lock()
         self._closed = False
+        self._warned: set[int] = set()  # damaged shards already reported
         if not readonly:
             self.root.mkdir(parents=True, exist_ok=True)
         for n in self._existing_shards():
@@ -175,7 +176,15 @@ class TokenStore:
             fd = os.open(path, os.O_RDONLY if self.readonly else os.O_RDWR)
             try:
                 if os.fstat(fd).st_size < self._file_size:
-                    raise StoreLayoutError(f"{path} is truncated; restore it or reindex the segments it held")
+                    if self.readonly:
+                        raise StoreLayoutError(
+                            f"{path} is truncated; restore it or reindex the segments it held"
+                        )
+                    # The writer restores the full length: records past the cut read as missing (zeros),
+                    # and `indexer verify --repair` re-encodes the videos that had them.
+                    logger.warning("%s is truncated; extending it, the records it lost read as missing", path)
+                    os.ftruncate(fd, self._file_size)
+                    os.fsync(fd)
                 mm = mmap.mmap(fd, self._file_size, access=mmap.ACCESS_READ)
             except BaseException:
                 os.close(fd)
@@ -288,7 +297,7 @@ class TokenStore:
         tok_b, cls_b = tokens.reshape(n, -1).view(np.uint8), cls.view(np.uint8)
         h, tb, pb, rps = _REC_HEADER.size, self._tok_bytes, self._payload_bytes, self.records_per_shard
         for i, sid in enumerate(id_arr.tolist()):
-            shard = self._shards.get(sid // rps) or self._shard(sid // rps)
+            shard = self._shards.get(sid // rps) or self._readable_shard(sid // rps)
             if shard is None:
                 continue
             off = _FILE_HEADER_SIZE + (sid % rps) * self._rec_size
@@ -300,6 +309,31 @@ class TokenStore:
             cls_b[i] = shard.buf[off + h + tb : off + h + pb]
             valid[i] = zlib.crc32(cls_b[i], zlib.crc32(tok_b[i])) == crc
         return id_arr, tokens, cls, valid
+
+    def _readable_shard(self, n: int) -> _Shard | None:
+        # A damaged shard reads as missing records (never as data) instead of failing every read.
+        try:
+            return self._shard(n)
+        except StoreLayoutError as e:
+            if n not in self._warned:
+                self._warned.add(n)
+                logger.warning("%s; its records read as missing until `indexer verify --repair`", e)
+            return None
+
+    def damaged_shards(self) -> list[str]:
+        """What is wrong with each shard file that is truncated or not of this store (no record is read)."""
+        problems = []
+        for n in self._existing_shards():
+            path = self._shard_path(n)
+            try:
+                self._check_header(path, n)
+                size = path.stat().st_size
+            except (StoreLayoutError, OSError) as e:
+                problems.append(str(e))
+                continue
+            if size < self._file_size:
+                problems.append(f"{path} is truncated ({size} of {self._file_size} bytes)")
+        return problems
 
     def get(self, ids: Iterable[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(tokens [N, T, D], cls [N, D]) as fp16; raises MissingRecordError for ids without a valid record."""

@@ -45,9 +45,15 @@ def failure_reason(error: BaseException) -> str:
     """The text a failed job records: the error's own, said plainly when the data directory cannot be written."""
     text = str(error) or type(error).__name__
     if isinstance(error, OSError) and error.errno in _DISK_FULL:
-        return f"the data directory {_DISK_FULL[error.errno]} ({text}); free space, then add the video again"
+        return (
+            f"the data directory {_DISK_FULL[error.errno]} ({text}); "
+            "free space, then retry the video (`indexer add --retry-failed FILE`)"
+        )
     if isinstance(error, OSError) and error.errno in _READ_ONLY:
-        return f"the data directory is read-only or not writable ({text}); fix that, then add the video again"
+        return (
+            f"the data directory is read-only or not writable ({text}); "
+            "fix that, then retry the video (`indexer add --retry-failed FILE`)"
+        )
     return text
 
 
