@@ -398,3 +398,139 @@ def test_database_outage_answers_503_and_the_service_recovers_by_itself(
             30,
             "the new video searchable",
         )
+
+
+# --- the data directory fills up ------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_full_data_directory_fails_the_job_clearly_and_search_keeps_serving(
+    procs, new_database, clips, tmp_path
+) -> None:
+    # PostgreSQL, so that the catalog lives outside the size-limited process (a SQLite file would be
+    # limited too). RLIMIT_FSIZE works for root, where chmod-based read-only folders do not.
+    data, db_url = tmp_path / "data", new_database("postgres")
+    api_pid, base = procs.api(service_env(data, db_url, TVS_WORKER="false"))
+    worker = procs.indexer(worker_args(data, db_url), {})
+    wait_ready(procs, api_pid, base)
+    first = upload(base, clips[0]["path"]).json()
+    _until(lambda: httpx.get(f"{base}/jobs/{first['job_id']}").json()["state"] == "ready", 60, "first ready")
+    kill(worker, signal.SIGTERM)
+
+    # Token records start at 4 KiB into a shard: every write of the new video's tokens passes the limit.
+    limited = procs.fork(
+        {"kind": "indexer", "args": worker_args(data, db_url), "env": {}, "fsize": 4096, "log": os.devnull}
+    )
+    second = upload(base, clips[1]["path"]).json()
+    job: dict[str, Any] = {}
+    deadline = time.monotonic() + 90
+    searches = 0
+    while time.monotonic() < deadline:
+        hits = httpx.post(f"{base}/search", json={"query": "red", "limit": 5}, timeout=10)
+        assert hits.status_code == 200, hits.text
+        assert {h["video_id"] for h in hits.json()["results"]} == {first["video_id"]}
+        searches += 1
+        job = httpx.get(f"{base}/jobs/{second['job_id']}").json()
+        if job["state"] in ("ready", "failed"):
+            break
+        time.sleep(0.2)
+    assert job["state"] == "failed", f"the job did not fail within 90 s: {job}"
+    assert alive(limited), "the worker survives a full disk"
+    assert "data directory hit a file-size limit" in job["error"] and "File too large" in job["error"], job
+    assert job["attempts"] == job["max_attempts"], "a full disk may clear up: retried with back-off first"
+    video = httpx.get(f"{base}/videos/{second['video_id']}").json()
+    assert video["status"] == "failed" and video["error"] == job["error"] and video["segments"] == []
+    print(f"disk full: job failed after {job['attempts']} attempts; {searches} searches served meanwhile")
+    kill(limited, signal.SIGTERM)
+    kill(api_pid, signal.SIGTERM)
+    assert indexer_main(["verify", "--data-dir", str(data), "--database-url", db_url]) == 0
+
+
+# --- damaged files at start-up ---------------------------------------------------------------------------
+def _snapshot(data: Path) -> Path:
+    (path,) = (data / "index").glob("*.faiss")
+    return path
+
+
+def _broad_ids(client: Any, api: Any) -> set[int]:
+    hits = api.search(client, limit=100, rerank=False)
+    assert hits.status_code == 200, hits.text
+    return {h["video_id"] for h in hits.json()["results"]}
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
+def test_a_damaged_index_snapshot_is_rebuilt_not_served(
+    damage, service, clips, api, tmp_path, db_url, caplog
+) -> None:
+    with service() as client:
+        ids = set(api.ingest(client, [c["path"] for c in clips[:3]]))
+    snapshot = _snapshot(tmp_path / "data")
+    raw = bytearray(snapshot.read_bytes())
+    if damage == "truncated":
+        del raw[len(raw) // 2 :]
+    else:
+        raw[len(raw) // 2] ^= 0x01
+    snapshot.write_bytes(bytes(raw))
+    caplog.set_level("WARNING", logger="indexer.live_index")
+    with service() as client:
+        assert "index snapshot unusable" in caplog.text and "rebuilding" in caplog.text
+        assert client.get("/health").json()["index"]["size"] == 3
+        assert _broad_ids(client, api) == ids
+        assert api.search(client).status_code == 200
+    # The service replaced the damaged snapshot on the way out.
+    args = ["verify", "--data-dir", str(tmp_path / "data"), "--database-url", db_url]
+    assert indexer_main(args) == 0
+
+
+def test_a_truncated_token_shard_is_detected_rebuilt_around_and_repaired(
+    service, clips, api, tmp_path, db_url, caplog
+) -> None:
+    data = tmp_path / "data"
+    with service() as client:
+        ids = api.ingest(client, [c["path"] for c in clips[:3]])
+        seg_of = {v: client.get(f"/videos/{v}").json()["segments"][0]["id"] for v in ids}
+    (shard,) = data.glob("tokens/*/shard-*.tok")
+    records_per_shard = 4096
+    record = (shard.stat().st_size - 4096) // records_per_shard
+    os.truncate(shard, 4096 + (min(seg_of.values()) + 1) * record)  # cut after the first record
+    caplog.set_level("WARNING")
+    with service() as client:
+        assert "token store damaged" in caplog.text and "is truncated" in caplog.text
+        # A reader cannot map a short shard: none of its segments is served until it is repaired.
+        assert client.get("/health").json()["index"]["size"] == 0
+        assert _broad_ids(client, api) == set()
+        assert api.search(client).status_code == 200
+    args = ["verify", "--data-dir", str(data), "--database-url", db_url]
+    assert indexer_main(args) == 1, "verify reports the lost records"
+    assert indexer_main([*args, "--repair", "--model", "tiny"]) == 0, "repair re-encodes their videos"
+    with service() as client:
+        assert client.get("/health").json()["index"]["size"] == 3
+        assert _broad_ids(client, api) == set(ids)
+
+
+def test_a_corrupt_token_record_is_caught_by_its_checksum_and_repaired(
+    service, clips, api, tmp_path, db_url
+) -> None:
+    data = tmp_path / "data"
+    with service() as client:
+        ids = api.ingest(client, [c["path"] for c in clips[:2]])
+        segs = [client.get(f"/videos/{v}").json()["segments"][0]["id"] for v in ids]
+    (shard,) = data.glob("tokens/*/shard-*.tok")
+    record = (shard.stat().st_size - 4096) // 4096
+    with open(shard, "r+b") as f:  # one bit inside the second segment's frame tokens
+        f.seek(4096 + segs[1] * record + 100)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+    with service() as client:
+        r = api.search(client, limit=10)
+        assert r.status_code == 200
+        hits = {h["segment_id"]: h for h in r.json()["results"]}
+        # Its CLS in the (valid) snapshot still finds it; its damaged tokens are never used to rerank it.
+        assert hits[segs[1]]["delta"] == 0.0 and hits[segs[1]]["evidence_time"] is None
+        assert hits[segs[0]]["evidence_time"] is not None
+    args = ["verify", "--data-dir", str(data), "--database-url", db_url]
+    assert indexer_main(args) == 1
+    assert indexer_main([*args, "--repair", "--model", "tiny"]) == 0
+    with service() as client:
+        r = api.search(client, limit=10)
+        assert {h["video_id"] for h in r.json()["results"]} == set(ids)
