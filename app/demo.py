@@ -29,7 +29,7 @@ LIBRARY_STAMP = "synth.json"  # the generator's arguments, written after the lib
 # (colours, shapes, directions, backgrounds, caption templates) it never saw.
 DEMO_SEED = 7
 DEMO_FAMILIES = 8
-DEMO_EXAMPLES = 6
+DEMO_EXAMPLES = 4
 # A family's colour, shape and background siblings differ from their nearest look-alike (the base clip)
 # in something a single frame shows. Base, motion and order captions hinge on which way things move or
 # in which order: the small model reads that less reliably, so they are not offered as examples.

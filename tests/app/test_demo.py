@@ -144,7 +144,7 @@ def test_each_demo_example_finds_its_clip_first(tmp_path, launch):
     data = tmp_path / "demo"
     model = str(REPO / DEMO_MODEL_DIR)
     report = prepare(data, model)  # the library, model and examples `make demo` uses
-    assert len(report.examples) >= 4
+    assert len(report.examples) == 4
     with launch(data, f"sqlite:///{data / 'catalog.db'}", model=model) as client:
         for example in report.examples:
             top = client.post("/search", json={"query": example["query"], "limit": 1}).json()["results"][0]
