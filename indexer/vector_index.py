@@ -24,6 +24,7 @@ SNAPSHOT_FORMAT = 1
 MIN_TRAIN_PER_CENTROID = 39  # below this faiss's k-means warns that centroids are poorly estimated
 _TORCH_BLOCK_ROWS = 65536  # database rows per matmul block in batched exact search
 _STALE_TMP_SECONDS = 3600
+_READ_ATTEMPTS = 5  # loads that raced a save in another process, read again
 
 
 class VectorIndexError(Exception):
@@ -511,7 +512,36 @@ def _remove_stale_tmp(path: Path) -> None:
             pass
 
 
+def _identity(path: Path) -> tuple[tuple[int, int, int] | None, ...]:
+    """Which files the index and its manifest are now: a save replaces both (by rename). The mtime is
+    part of it because a new file can get the inode number of the one it replaced."""
+    out: list[tuple[int, int, int] | None] = []
+    for p in (path, _manifest_path(path)):
+        try:
+            st = os.stat(p)
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except FileNotFoundError:
+            out.append(None)
+    return tuple(out)
+
+
 def _read_verified(path: Path) -> tuple[dict[str, Any], np.ndarray]:
+    """(manifest, index bytes) whose sha256 agree, retried when another process's save replaced the files
+    while they were being read (the index and the manifest then come from two different saves)."""
+    for attempt in range(_READ_ATTEMPTS):
+        before = _identity(path)
+        try:
+            return _read_verified_once(path)
+        except SnapshotNotFoundError:
+            raise
+        except CorruptSnapshotError:
+            if attempt + 1 == _READ_ATTEMPTS or _identity(path) == before:
+                raise
+            logger.info("%s was replaced while it was read; reading the new snapshot", path)
+    raise AssertionError("unreachable")
+
+
+def _read_verified_once(path: Path) -> tuple[dict[str, Any], np.ndarray]:
     """(manifest, index bytes) whose sha256 agree; the pending manifest of an interrupted save counts."""
     manifest_path = _manifest_path(path)
     if not path.exists() and not manifest_path.exists():
