@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -55,11 +56,25 @@ def _readable(error: dict[str, Any]) -> str:
     return f"{where}: {message}" if where else message
 
 
+def _json_safe(value: Any) -> Any:
+    """The echoed input of a validation error as strict JSON: inf/nan and lone surrogates would fail to encode."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     """FastAPI's 422 shape (`detail` list) plus `message`: the same errors in one sentence for people."""
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
-    body = {"detail": jsonable_encoder(errors), "message": "; ".join(_readable(e) for e in errors)}
+    message = _json_safe("; ".join(_readable(e) for e in errors))
+    body = {"detail": _json_safe(jsonable_encoder(errors)), "message": message}
     return JSONResponse(body, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 

@@ -62,11 +62,20 @@ class SearchRequest(BaseModel):
         text = value.strip()
         if not text:
             raise ValueError("the query is empty: type a few words describing the moment you are looking for")
+        _require_unicode(text, "the query")
         if len(text) > MAX_QUERY_CHARS:
             raise ValueError(
                 f"the query is {len(text)} characters long; keep it to {MAX_QUERY_CHARS} or fewer"
             )
         return text
+
+
+def _require_unicode(text: str, what: str) -> None:
+    # JSON may escape a lone surrogate (\\ud800); it is not text and cannot be stored or sent back.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode text (a lone surrogate at position {e.start})") from e
 
 
 class SearchHit(BaseModel):
