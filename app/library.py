@@ -134,7 +134,10 @@ def media_file(session: Session, data: DataDir, *, video_id: int) -> tuple[Path,
     if video is None or video.status == "deleted" or not video.stored_path:
         return None
     path = data.resolve(video.stored_path)
-    if not path.is_file():
+    # A relative path is a file the service stored: it must stay inside the data directory (no `..`, no
+    # symlink out). An absolute one is a library file indexed in place (`indexer add`, an allowed root).
+    inside = Path(video.stored_path).is_absolute() or path.resolve().is_relative_to(data.root.resolve())
+    if not inside or not path.is_file():
         return None
     suffix = Path(video.filename or path.name).suffix.lower()
     kind = _MEDIA_TYPES.get(path.suffix.lower()) or _MEDIA_TYPES.get(suffix)
