@@ -347,7 +347,10 @@ def test_database_outage_answers_503_and_the_service_recovers_by_itself(
         _until(
             lambda: httpx.get(f"{base}/jobs/{first.json()['job_id']}").json()["state"] == "ready", 60, "ready"
         )
-        assert httpx.post(f"{base}/search", json={"query": "red"}).status_code == 200
+        # Searchable first: a search that finds nothing never reads the catalog (and rightly answers 200).
+        _until(
+            lambda: httpx.post(f"{base}/search", json={"query": "red"}).json()["results"], 30, "searchable"
+        )
 
         proxy.close()
         started = time.monotonic()
