@@ -140,7 +140,6 @@ def test_lying_header_is_indexed_or_failed_cleanly(client, corpus, good_clip, ca
     worker_still_works(client, good_clip())
 
 
-@pytest.mark.slow
 def test_an_hour_long_video_indexes_in_bounded_time(client, good_clip, tmp_path) -> None:
     hour = write_pattern_video(tmp_path / "hour.mp4", 3600, 16, 16, 1, gop=250)
     started = time.monotonic()
