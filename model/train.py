@@ -137,7 +137,7 @@ class _Run:
         (scaler.scale(losses["loss"]) if scaler else losses["loss"]).backward()
         if scaler:
             scaler.unscale_(self.optimizer)
-        nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        grad_norms = self._clip_per_part()
         if scaler:
             scaler.step(self.optimizer)
             scaler.update()
@@ -145,7 +145,24 @@ class _Run:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {k: v.detach() for k, v in losses.items()}
+        out = {k: v.detach() for k, v in losses.items()}
+        out.update({f"grad_norm_{part}": torch.tensor(norm) for part, norm in grad_norms.items()})
+        return out
+
+    def _clip_per_part(self) -> dict[str, float]:
+        """Clip the backbone's and the focused views' gradients separately, each to grad_clip.
+
+        One global norm lets the contrastive gradients of a from-scratch backbone (norms in the hundreds)
+        scale the focused views' gradients, which start tiny behind their zero-initialised last layer,
+        down to below AdamW's epsilon: the focused view then never learns."""
+        parts: dict[str, list[nn.Parameter]] = {}
+        for group in self.optimizer.param_groups:
+            parts.setdefault(group["name"], []).extend(p for p in group["params"] if p.grad is not None)
+        return {
+            name: float(nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+            for name, params in parts.items()
+            if params
+        }
 
     def save(self, out: Path, epoch: int, elapsed: float, history: list[dict[str, Any]]) -> None:
         """Weights first, then the state that points at them: a crash in between resumes one epoch early."""
