@@ -116,11 +116,23 @@ def peak_rss(path: Path, spec: str, config: PipelineConfig) -> dict[str, float]:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM belongs to the address space, which exec replaces;
+    ru_maxrss survives exec on Linux, so a child forked from a large parent would report the parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
 def _rss_child(path: Path, spec: str, config: PipelineConfig) -> None:
     model = _model(spec)
     with tempfile.TemporaryDirectory() as work:
         result = _index(model, [path], Path(work) / "data", config)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    result["peak_rss_mb"] = _peak_rss_mb()
     print(json.dumps(result))
 
 
