@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.metrics import Metrics, RequestMetricsMiddleware
 from app.routes import demo, jobs, search, system, videos
-from app.security import API_KEY_HEADER, SecurityHeadersMiddleware
+from app.security import API_KEY_HEADER, BodyLimitMiddleware, SecurityHeadersMiddleware
 from app.services import open_services
 from app.settings import Settings
 
@@ -120,6 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Content-Type", "Authorization", API_KEY_HEADER],
         )
+    app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestMetricsMiddleware, metrics=lambda: app.state.metrics)
     return app

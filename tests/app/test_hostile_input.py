@@ -220,16 +220,43 @@ def test_json_nested_too_deep_is_400(client) -> None:
     assert r.status_code == 400 and "parsing the body" in r.json()["detail"]
 
 
-def test_a_huge_search_body_is_refused_and_the_service_stays_up(client) -> None:
+def test_a_huge_search_body_is_refused_unread_and_the_service_stays_up(client) -> None:
     body = b'{"query": "' + b"y" * (16 * 2**20) + b'"}'
     r = client.post("/search", content=body, headers={"Content-Type": "application/json"})
-    assert 400 <= r.status_code < 500, r.status_code
+    assert r.status_code == 413 and "larger than" in r.json()["detail"], r.status_code
     assert client.post("/search", json={"query": "still here"}).status_code == 200
+
+
+def test_a_huge_chunked_body_without_a_length_is_refused(client) -> None:
+    def chunks():
+        yield b'{"query": "'
+        for _ in range(64):
+            yield b"z" * 65536  # 4 MiB in all, no Content-Length
+        yield b'"}'
+
+    r = client.post("/search", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "larger than" in r.json()["detail"]
+    assert client.post("/search", json={"query": "still here"}).status_code == 200
+
+
+def test_a_body_just_under_the_limit_is_parsed(client) -> None:
+    from app.security import MAX_JSON_BODY_BYTES
+
+    body = b'{"query": "' + b"y" * (MAX_JSON_BODY_BYTES - 64) + b'"}'
+    r = client.post("/search", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "1000 or fewer" in r.text, r.text[:200]
 
 
 def test_a_huge_json_ingest_body_is_refused(client) -> None:
     r = client.post(
         "/videos", content=b'{"url": "' + b"a" * 2**20 + b'"}', headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 413 and "larger than" in r.json()["detail"]
+
+
+def test_an_ingest_body_over_the_field_limit_but_under_the_body_limit_is_422(client) -> None:
+    r = client.post(
+        "/videos", content=b'{"url": "' + b"a" * 2**16 + b'"}', headers={"Content-Type": "application/json"}
     )
     assert r.status_code == 422 and "longer than" in r.json()["detail"]
 
