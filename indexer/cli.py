@@ -278,6 +278,7 @@ def _verify_text(report: Any) -> str:
         "snapshot ids with no segment (deleted)": report.index_extra,
         "ready videos without segments": report.videos_without_segments,
         "videos whose file is gone (warning)": report.missing_files,
+        "stray files no video owns (warning; --repair deletes them)": report.stray_files,
     }
     lines += [
         f"{name}: {value if isinstance(value, str) else value[:20]}"

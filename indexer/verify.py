@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -30,6 +31,10 @@ _CHUNK = 4096
 _OPEN_STATES = ("queued", *jobs.ACTIVE_STATES)
 
 
+# An upload older than this with no video row was interrupted; younger ones may still be in flight.
+STRAY_GRACE_S = 3600.0
+
+
 class UnknownModelError(LookupError):
     """The model to verify is not registered in the catalog."""
 
@@ -46,6 +51,9 @@ class VerifyReport:
     index_extra: list[int] = field(default_factory=list)  # snapshot ids with no segment (deleted videos)
     videos_without_segments: list[int] = field(default_factory=list)  # ready videos not in this index
     missing_files: list[int] = field(default_factory=list)  # videos whose stored file is gone (a warning)
+    # Files in videos/ or incoming/ that no video owns, older than STRAY_GRACE_S: left by a process killed
+    # between storing an upload and committing its row, or mid-upload (a warning; --repair deletes them).
+    stray_files: list[str] = field(default_factory=list)
     requeued_jobs: list[int] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
 
@@ -69,9 +77,10 @@ def verify(
     with `indexer worker`, or `indexer verify --repair` runs it in-process).
     """
     report = _check(data, session_factory, model_id)
-    if not repair or report.ok:
+    if not repair or (report.ok and not report.stray_files):
         return report
     actions: list[str] = []
+    _delete_stray_files(data, report, actions)
     requeued = _requeue(session_factory, model_id, report, actions)
     _free_orphans(data, session_factory, model_id, report, actions)
     if report.snapshot != "ok" or report.index_missing or report.index_extra:
@@ -102,6 +111,7 @@ def _check(data: DataDir, session_factory: sessionmaker[Session], model_id: str)
         videos = session.execute(select(Video.id, Video.stored_path).where(Video.status != "deleted")).all()
     report.segments = len(seg_ids)
     report.missing_files = [v for v, p in videos if p and not data.resolve(p).exists()]
+    report.stray_files = _stray_files(data, {data.resolve(p).resolve() for _, p in videos if p})
     root = data.tokens_dir(model_id)
     with TokenStore(root, model.num_frames, model.dim, readonly=True) as store:
         for start in range(0, len(seg_ids), _CHUNK):
@@ -152,6 +162,34 @@ def _requeue(
     if job_ids:
         actions.append(f"queued {len(job_ids)} reindex job(s) for videos {videos}")
     return job_ids
+
+
+def _stray_files(data: DataDir, owned: set[Path], now: float | None = None) -> list[str]:
+    """Files under videos/ and incoming/ that no live video owns and that nothing has touched for a while."""
+    cutoff = (time.time() if now is None else now) - STRAY_GRACE_S
+    stray = []
+    for folder in (data.videos, data.incoming):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            try:
+                if path.is_file() and path.resolve() not in owned and path.stat().st_mtime < cutoff:
+                    stray.append(data.relative(path))
+            except OSError:
+                continue  # removed while we looked
+    return stray
+
+
+def _delete_stray_files(data: DataDir, report: VerifyReport, actions: list[str]) -> None:
+    removed = 0
+    for rel in report.stray_files:
+        try:
+            data.resolve(rel).unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    if removed:
+        actions.append(f"deleted {removed} stray file(s) no video owns (interrupted uploads)")
 
 
 def _free_orphans(

@@ -166,3 +166,29 @@ def test_reindex_builds_a_new_generation_and_switches_atomically(
     with LiveIndex(lib.data, lib.factory, other_model.model_id, D, T) as live:
         assert live.size == 3
     lib.engine.dispose()
+
+
+def test_stray_files_of_interrupted_uploads_are_reported_and_deleted_after_a_grace_period(
+    lib: Library,
+) -> None:
+    import os
+    import time
+
+    from indexer.verify import STRAY_GRACE_S
+
+    old = time.time() - STRAY_GRACE_S - 60
+    stored = lib.data.videos / ("ab" * 32 + ".mp4")  # stored, but the process died before its row
+    partial = lib.data.incoming / "upload-1234.part"  # died mid-upload
+    fresh = lib.data.incoming / "upload-5678.part"  # an upload in flight right now
+    for path in (stored, partial, fresh):
+        path.write_bytes(b"\0" * 1024)
+    for path in (stored, partial):
+        os.utime(path, (old, old))
+
+    report = lib.verify()
+    assert report.ok, "stray files are a warning: catalog, tokens and index still agree"
+    assert sorted(report.stray_files) == sorted([lib.data.relative(stored), lib.data.relative(partial)])
+    repaired = lib.verify(repair=True)
+    assert not stored.exists() and not partial.exists() and fresh.exists()
+    assert repaired.stray_files == [] and any("stray" in action for action in repaired.repaired)
+    assert lib.verify().ok
