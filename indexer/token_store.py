@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from indexer.paths import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -279,11 +281,7 @@ class TokenStore:
                 os.fsync(fd)
         self._touched.clear()
         if self._dir_dirty:
-            dfd = os.open(self.root, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(self.root)
             self._dir_dirty = False
 
     # --- reads --------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ import faiss
 import numpy as np
 import torch
 
+from indexer.paths import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 SNAPSHOT_FORMAT = 1
@@ -454,14 +456,6 @@ def _manifest_path(path: Path) -> Path:
     return path.with_name(path.name + ".manifest.json")
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_save(index: faiss.Index, path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     # The index rename is the commit point: the new manifest is durable beside it before that, so a
     # crash between the two renames is recovered by load(); before it, the old pair is untouched.
@@ -490,7 +484,7 @@ def _atomic_save(index: faiss.Index, path: Path, manifest: dict[str, Any]) -> di
         os.replace(tmp_index, path)
         committed = True
         os.replace(tmp_manifest, _manifest_path(path))
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         tmp_index.unlink(missing_ok=True)
         if not committed:
