@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,77 +13,20 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, create_engine, pool
+from postgres_admin import BACKENDS, create_postgres_database, drop_postgres_database
+from sqlalchemy import create_engine, pool
 from sqlalchemy.engine import make_url
 
 from app.main import create_app
 from app.settings import Settings
 from indexer.db import upgrade_database
 
-DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 JOB_TIMEOUT_S = 60.0
-
-
-def postgres_admin_url() -> str:
-    return os.environ.get("TVS_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
-
-
-def _admin_engine() -> Engine:
-    # CREATE/DROP DATABASE cannot run inside a transaction.
-    return create_engine(
-        postgres_admin_url(),
-        isolation_level="AUTOCOMMIT",
-        poolclass=pool.NullPool,
-        connect_args={"connect_timeout": 3},
-    )
-
-
-def create_postgres_database(template: str | None = None) -> str:
-    name = f"tvs_app_test_{uuid.uuid4().hex[:16]}"
-    engine = _admin_engine()
-    try:
-        with engine.connect() as connection:
-            connection.exec_driver_sql(
-                f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else "")
-            )
-    finally:
-        engine.dispose()
-    return make_url(postgres_admin_url()).set(database=name).render_as_string(hide_password=False)
-
-
-def drop_postgres_database(url: str) -> None:
-    engine = _admin_engine()
-    try:
-        with engine.connect() as connection:
-            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {make_url(url).database} WITH (FORCE)")
-    finally:
-        engine.dispose()
-
-
-@pytest.fixture(scope="session")
-def postgres_available() -> None:
-    engine = _admin_engine()
-    try:
-        with engine.connect():
-            pass
-    except Exception as e:  # any driver or network failure means "not available here"
-        pytest.skip(f"PostgreSQL unreachable at TVS_TEST_POSTGRES_URL ({postgres_admin_url()}): {e}")
-    finally:
-        engine.dispose()
-
-
-@pytest.fixture(scope="session")
-def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # Migrate once, copy the file per test: much cheaper than running Alembic every time.
-    path = tmp_path_factory.mktemp("sqlite_template") / "catalog.db"
-    upgrade_database(f"sqlite:///{path}")
-    return path
 
 
 @pytest.fixture(scope="session")
 def postgres_template(postgres_available: None) -> Iterator[str]:
-    url = create_postgres_database()
+    url = create_postgres_database(prefix="tvs_app_test")
     try:
         upgrade_database(url)
         yield str(make_url(url).database)
@@ -106,7 +47,9 @@ def new_database(
             path = tmp_path_factory.mktemp("db") / "catalog.db"
             shutil.copyfile(template, path)
             return f"sqlite:///{path}"
-        url = create_postgres_database(template=request.getfixturevalue("postgres_template"))
+        url = create_postgres_database(
+            template=request.getfixturevalue("postgres_template"), prefix="tvs_app_test"
+        )
         made.append(url)
         return url
 
@@ -118,7 +61,7 @@ def new_database(
 @pytest.fixture(scope="session")
 def reusable_postgres(postgres_template: str) -> Iterator[str]:
     """One PostgreSQL catalog for all function-scoped tests, emptied before each (dropping is slow)."""
-    url = create_postgres_database(template=postgres_template)
+    url = create_postgres_database(template=postgres_template, prefix="tvs_app_test")
     yield url
     drop_postgres_database(url)
 

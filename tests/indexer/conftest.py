@@ -2,73 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from postgres_admin import BACKENDS, create_postgres_database, drop_postgres_database
 from sqlalchemy import Engine, create_engine, pool, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from indexer.catalog import Base
 from indexer.db import make_engine, make_session_factory, upgrade_database
-
-DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-
-
-def postgres_admin_url() -> str:
-    return os.environ.get("TVS_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
-
-
-def _admin_engine() -> Engine:
-    # CREATE/DROP DATABASE cannot run inside a transaction.
-    return create_engine(
-        postgres_admin_url(),
-        isolation_level="AUTOCOMMIT",
-        poolclass=pool.NullPool,
-        connect_args={"connect_timeout": 3},
-    )
-
-
-def create_postgres_database() -> str:
-    """Create a uniquely named database (so parallel runs never collide) and return its URL."""
-    name = f"tvs_test_{uuid.uuid4().hex[:16]}"
-    engine = _admin_engine()
-    try:
-        with engine.connect() as connection:
-            connection.exec_driver_sql(f"CREATE DATABASE {name}")
-    finally:
-        engine.dispose()
-    return make_url(postgres_admin_url()).set(database=name).render_as_string(hide_password=False)
-
-
-def drop_postgres_database(url: str) -> None:
-    name = make_url(url).database
-    engine = _admin_engine()
-    try:
-        with engine.connect() as connection:
-            # FORCE ends connections a failed test may have leaked.
-            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        engine.dispose()
-
-
-@pytest.fixture(scope="session")
-def postgres_available() -> None:
-    """Skip (with the reason) when the test PostgreSQL server cannot be reached."""
-    engine = _admin_engine()
-    try:
-        with engine.connect():
-            pass
-    except Exception as e:  # any driver or network failure means "not available here"
-        reason = str(getattr(e, "orig", e)).splitlines()[0]
-        pytest.skip(f"PostgreSQL unreachable at TVS_TEST_POSTGRES_URL ({postgres_admin_url()}): {reason}")
-    finally:
-        engine.dispose()
 
 
 @pytest.fixture
@@ -87,14 +31,6 @@ def postgres_url(postgres_available: None) -> Iterator[str]:
 def db_url(request: pytest.FixtureRequest) -> str:
     """An empty database on each backend."""
     return request.getfixturevalue(f"{request.param}_url")
-
-
-@pytest.fixture(scope="session")
-def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # Migrate once, copy the file per test: much cheaper than running Alembic for every test.
-    path = tmp_path_factory.mktemp("sqlite_template") / "catalog.db"
-    upgrade_database(f"sqlite:///{path}")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -128,9 +64,9 @@ def reset_postgres_database(url: str) -> None:
 
 
 @pytest.fixture
-def migrated_sqlite_url(tmp_path: Path, _sqlite_template: Path) -> str:
+def migrated_sqlite_url(tmp_path: Path, sqlite_template: Path) -> str:
     path = tmp_path / "catalog.db"
-    shutil.copyfile(_sqlite_template, path)
+    shutil.copyfile(sqlite_template, path)
     return f"sqlite:///{path}"
 
 
