@@ -17,13 +17,7 @@ from model.tokenbinder import TextOutput, VideoOutput
 KEYS = {"R@1", "R@5", "R@10", "MdR", "MnR"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a busy shared CPU: a second OpenMP thread waits far longer than it computes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

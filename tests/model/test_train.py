@@ -10,14 +10,7 @@ from model.checkpoint import load_model
 from model.data import FrameCache, prepare_clips, read_manifest
 from model.train import ResumeError, TrainConfig, cosine_with_warmup, main, param_groups, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a busy shared CPU: a second OpenMP thread waits far longer than it computes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"]
