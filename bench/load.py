@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,15 +30,11 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from serving import start_uvicorn  # noqa: E402
+
 from indexer.synth_media import write_pattern_video  # noqa: E402
 
 WORDS = "red blue green square circle moving left right fast slow bright dark stripes a the over".split()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _rss_bytes(pid: int) -> int:
@@ -63,24 +58,7 @@ def _start_service(data: Path, model: str, log: Path) -> tuple[subprocess.Popen[
     env = {**os.environ, "TVS_DATA_DIR": str(data), "TVS_MODEL": model, "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-m", "indexer", "migrate", "--data-dir", str(data)], env=env, check=True,
                    stdout=subprocess.DEVNULL)  # fmt: skip
-    port = _free_port()
-    cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "warning"]  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the service exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the service did not become ready within 180 s")
+    return start_uvicorn(env, log, timeout_s=180)
 
 
 async def _upload(client: httpx.AsyncClient, path: Path) -> dict[str, Any]:

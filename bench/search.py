@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
+from serving import start_uvicorn
 from sqlalchemy import insert
 
 from app.search_types import SearchQuery
@@ -183,28 +183,7 @@ def serve(
            "TVS_BATCH_MAX_WAIT_MS": str(args.batch_wait_ms), "TVS_PRECISION": args.precision}  # fmt: skip
     if args.threads:
         env["TVS_TORCH_THREADS"] = str(args.threads)
-    cmd = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "app.main:app",
-        "--port",
-        str(args.port),
-        "--log-level",
-        "warning",
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{args.port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            time.sleep(0.5)
-    raise RuntimeError("the server did not start")
+    return start_uvicorn(env, log, port=args.port)
 
 
 async def http_run(
