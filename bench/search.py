@@ -208,7 +208,8 @@ async def http_run(
                 stages.setdefault("batch_size", []).append(body["batch_size"])
 
         await asyncio.gather(*(client(c) for c in range(min(clients, 2))))  # warm-up
-        walls.clear(), stages.clear()
+        walls.clear()
+        stages.clear()
         t = time.perf_counter()
         await asyncio.gather(*(client(c) for c in range(clients)))
         elapsed = time.perf_counter() - t
