@@ -6,7 +6,6 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -111,7 +110,7 @@ def _check(data: DataDir, session_factory: sessionmaker[Session], model_id: str)
         videos = session.execute(select(Video.id, Video.stored_path).where(Video.status != "deleted")).all()
     report.segments = len(seg_ids)
     report.missing_files = [v for v, p in videos if p and not data.resolve(p).exists()]
-    report.stray_files = _stray_files(data, {data.resolve(p).resolve() for _, p in videos if p})
+    report.stray_files = _stray_files(data, {p for _, p in videos if p})
     root = data.tokens_dir(model_id)
     with TokenStore(root, model.num_frames, model.dim, readonly=True) as store:
         for start in range(0, len(seg_ids), _CHUNK):
@@ -164,17 +163,19 @@ def _requeue(
     return job_ids
 
 
-def _stray_files(data: DataDir, owned: set[Path], now: float | None = None) -> list[str]:
-    """Files under videos/ and incoming/ that no live video owns and that nothing has touched for a while."""
+def _stray_files(data: DataDir, owned: set[str], now: float | None = None) -> list[str]:
+    """Files under videos/ and incoming/ (as catalog-relative paths) that no live video's `stored_path`
+    names and that nothing has touched for a while."""
     cutoff = (time.time() if now is None else now) - STRAY_GRACE_S
     stray = []
     for folder in (data.videos, data.incoming):
         if not folder.is_dir():
             continue
         for path in sorted(folder.iterdir()):
+            rel = path.relative_to(data.root).as_posix()
             try:
-                if path.is_file() and path.resolve() not in owned and path.stat().st_mtime < cutoff:
-                    stray.append(data.relative(path))
+                if rel not in owned and path.is_file() and path.stat().st_mtime < cutoff:
+                    stray.append(rel)
             except OSError:
                 continue  # removed while we looked
     return stray
