@@ -6,6 +6,7 @@ import hmac
 import logging
 
 from fastapi import HTTPException, Request, status
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class BodyLimitMiddleware:
         if declared.isdigit():
             # The server frames the body by its Content-Length: it cannot carry more than declared.
             if int(declared) > self.max_bytes:
-                await self._refuse(send)
+                await self._refuse(scope, receive, send)
                 return
             await self.app(scope, receive, send)
             return
@@ -132,7 +133,7 @@ class BodyLimitMiddleware:
                 break
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                await self._refuse(send)
+                await self._refuse(scope, receive, send)
                 return
             if not message.get("more_body", False):
                 break
@@ -143,16 +144,9 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send) -> None:
-        body = (
-            b'{"detail": "the request body is larger than %d bytes; send a short JSON body, or upload '
-            b'video files as multipart/form-data"}' % self.max_bytes
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        detail = (
+            f"the request body is larger than {self.max_bytes} bytes; send a short JSON body, "
+            "or upload video files as multipart/form-data"
         )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
