@@ -414,7 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--factory", default=None, help="FAISS factory string (default: keep the current one, or Flat)"
     )
     p = add("verify", cmd_verify, "check that catalog, token store and index agree (exit 1 if not)", [pipe])
-    p.add_argument("--repair", action="store_true", help="fix what disagrees (re-encodes damaged videos)")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="fix what disagrees (re-encodes damaged videos; deletes stray files of interrupted uploads)",
+    )
     add("stats", cmd_stats, "counts of videos, segments and jobs")
     p = add("rm", cmd_rm, "delete videos: gone from search at once, files freed after")
     p.add_argument("video_ids", nargs="+", type=int, metavar="VIDEO_ID")
