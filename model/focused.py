@@ -51,20 +51,66 @@ class CrossAttentionBlock(nn.Module):
         N = kv.shape[1]
         H, hd = self.heads, D // self.heads
         kv_n = self.ln_kv(kv)
-        q = self.q_proj(self.ln_q(x)).view(B, Q, H, hd).transpose(1, 2)  # [B, H, Q, hd]
-        k = self.k_proj(kv_n).view(B, N, H, hd).transpose(1, 2)  # [B, H, N, hd]
-        v = self.v_proj(kv_n).view(B, N, H, hd).transpose(1, 2)
-        logits = q @ k.transpose(-1, -2) / math.sqrt(hd)  # [B, H, Q, N]
-        if key_mask is not None:
-            logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-        if gumbel_tau is not None:
-            weights = F.gumbel_softmax(logits, tau=gumbel_tau, hard=False, dim=-1)
+        q = self.q_proj(self.ln_q(x)).view(B, Q, H, hd)
+        if _factored_is_cheaper(Q, N, D, H):
+            logits, weights, out = self._attend_factored(q, kv_n, key_mask, gumbel_tau)
         else:
-            weights = logits.softmax(dim=-1)
-        out = (weights @ v).transpose(1, 2).reshape(B, Q, D)
-        x = x + self.out_proj(out)
+            logits, weights, out = self._attend_projected(q, kv_n, key_mask, gumbel_tau)
+        x = x + self.out_proj(out.reshape(B, Q, D))
         x = x + self.mlp(self.ln_mlp(x))
         return x, weights.mean(dim=1)
+
+    def _attend_projected(
+        self, q: torch.Tensor, kv_n: torch.Tensor, key_mask: torch.Tensor | None, gumbel_tau: float | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Textbook attention: project every key and value token, then attend. Returns out [B, Q, H, hd]."""
+        B, Q, H, hd = q.shape
+        N = kv_n.shape[1]
+        k = self.k_proj(kv_n).view(B, N, H, hd).transpose(1, 2)  # [B, H, N, hd]
+        v = self.v_proj(kv_n).view(B, N, H, hd).transpose(1, 2)
+        logits = q.transpose(1, 2) @ k.transpose(-1, -2) / math.sqrt(hd)  # [B, H, Q, N]
+        weights = _attention_weights(logits, key_mask, gumbel_tau)
+        return logits, weights, (weights @ v).transpose(1, 2)
+
+    def _attend_factored(
+        self, q: torch.Tensor, kv_n: torch.Tensor, key_mask: torch.Tensor | None, gumbel_tau: float | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The same attention with the projections moved to the query side, for few queries over many tokens.
+
+        q_h . (W_k,h x + b_k,h) = (W_k,h^T q_h) . x + q_h . b_k,h, and, since the weights sum to 1,
+        sum_n w_n (W_v,h x_n + b_v,h) = W_v,h (sum_n w_n x_n) + b_v,h. So the D x D projections run on the Q queries instead of the N key tokens: for the
+        text->video view (3 queries, 10 x 12 tokens) about 14 times fewer multiply-adds, same result.
+        """
+        B, Q, H, hd = q.shape
+        D = kv_n.shape[-1]
+        w_k = self.k_proj.weight.view(H, hd, D)
+        w_v = self.v_proj.weight.view(H, hd, D)
+        N = kv_n.shape[1]
+        q_in = torch.einsum("bqhe,hed->bhqd", q, w_k).reshape(B, H * Q, D)  # queries in the tokens' space
+        # q . b_k, the same for every token: softmax ignores it, but keeping it makes the logits identical
+        # and gives b_k its (zero) gradient, which DistributedDataParallel expects of every parameter.
+        q_bias = torch.einsum("bqhe,he->bhq", q, self.k_proj.bias.view(H, hd))[..., None]
+        logits = (torch.bmm(q_in, kv_n.transpose(1, 2)).view(B, H, Q, N) + q_bias) / math.sqrt(hd)
+        weights = _attention_weights(logits, key_mask, gumbel_tau)
+        # The attention-weighted mean of the tokens, per head and query: [B, H, Q, D].
+        pooled = torch.bmm(weights.reshape(B, H * Q, N), kv_n).view(B, H, Q, D)
+        out = torch.einsum("bhqd,hed->bqhe", pooled, w_v) + self.v_proj.bias.view(H, hd)
+        return logits, weights, out
+
+
+def _factored_is_cheaper(queries: int, tokens: int, dim: int, heads: int) -> bool:
+    """Multiply-adds of projecting the tokens (2 N D^2 + 2 Q N D) against the queries (2 Q D^2 + 2 H Q N D)."""
+    return queries * dim + heads * queries * tokens < tokens * dim + queries * tokens
+
+
+def _attention_weights(
+    logits: torch.Tensor, key_mask: torch.Tensor | None, gumbel_tau: float | None
+) -> torch.Tensor:
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    if gumbel_tau is not None:
+        return F.gumbel_softmax(logits, tau=gumbel_tau, hard=False, dim=-1)
+    return logits.softmax(dim=-1)
 
 
 class FocusedView(nn.Module):
