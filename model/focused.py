@@ -12,6 +12,9 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
+# Initial scale of the tied query/key projections (see CrossAttentionBlock); only initialisation uses it.
+ATTENTION_INIT_GAIN = 3.0
+
 
 @dataclass
 class FocusOutput:
@@ -40,7 +43,14 @@ class CrossAttentionBlock(nn.Module):
         # starts uniform, every slot's evidence averages out, and behind the zero-initialised head no
         # gradient ever tells the attention where to look: the focused view then learns nothing but a prior
         # over broad-view ranks (measured on the generated library: two-stage R@1 stayed equal to broad).
+        # The search must also be sharp: with nn.Linear's default init, a token matching the query exactly
+        # gets a logit of only about sqrt(head_dim) / 3 (2.3 for the small preset), so near-duplicate
+        # candidates share the attention almost evenly (the true slot drew 12% of it, a sibling 10%) and the
+        # head sees no evidence to learn from. Scaling W_q = W_k by ATTENTION_INIT_GAIN multiplies the logits
+        # by its square (an exact match then scores ~20): with the true clip's own frames as queries, the
+        # focused view went from never beating the broad ranking in 1,200 steps to 89% top-1 in 150.
         with torch.no_grad():
+            self.q_proj.weight.mul_(ATTENTION_INIT_GAIN)
             self.k_proj.weight.copy_(self.q_proj.weight)
             self.k_proj.bias.copy_(self.q_proj.bias)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.focused import CrossAttentionBlock, _factored_is_cheaper
 
@@ -67,3 +68,20 @@ def test_factored_form_is_chosen_where_it_saves_work():
     assert _factored_is_cheaper(queries=3, tokens=120, dim=512, heads=8)  # text->video, k=10, T=12
     assert not _factored_is_cheaper(queries=120, tokens=3, dim=512, heads=8)
     assert not _factored_is_cheaper(queries=12, tokens=12, dim=64, heads=8)
+
+
+def test_untrained_attention_finds_the_token_that_matches_the_query():
+    """At initialisation a query already points at its exact match among many candidate tokens (W_q = W_k,
+    scaled): the head then has evidence to learn from (see CrossAttentionBlock)."""
+    torch.manual_seed(0)
+    from model.focused import FocusedView
+
+    view = FocusedView(dim=192, num_queries=3, num_slots=10, seq_len=12, layers=1, heads=4)
+    cands = F.normalize(torch.randn(8, 10, 12, 192), dim=-1)
+    target_slot = torch.randint(0, 10, (8,))
+    queries = cands[torch.arange(8), target_slot][:, [2, 5, 9]]  # three of the target's own frames
+    with torch.no_grad():
+        out = view(queries, cands)
+    mass = out.attention.sum(-1).mean(1)  # [B, k]: attention per slot, averaged over the queries
+    assert (mass.argmax(1) == target_slot).all()
+    assert mass[torch.arange(8), target_slot].min() > 0.5  # a uniform attention would give 0.1
