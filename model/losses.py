@@ -40,8 +40,31 @@ def contrastive_losses(
     return F.cross_entropy(logits, labels), F.cross_entropy(logits.T, labels)
 
 
-def tokenbinder_losses(model: TokenBinder, text: TextOutput, video: VideoOutput) -> dict[str, torch.Tensor]:
-    """Loss = (l_t2v + l_v2t)/2 + (l_focus_t + l_focus_v)/2, returned with its parts."""
+def grounding_loss(text: TextOutput, video: VideoOutput, scale: torch.Tensor) -> torch.Tensor:
+    """Indicator grounding (ours, optional): I_{j+1} against the mean of the j-th of m-1 equal time spans.
+
+    Symmetric InfoNCE per indicator over the batch, averaged over the indicators. It tells a text tower
+    trained from scratch that the indicators should say what happens when: without it, such a tower
+    embeds "A, then B" and "B, then A" (or "moves left" and "moves right") almost alike in every output,
+    because the broad view's temporal mean cannot tell them apart either, and the focused view has
+    nothing to attend with (measured: indicator cosine 0.975-0.999 between such captions).
+    """
+    queries = text.indicators.shape[1]
+    frames = video.frame_tokens.shape[1]
+    if frames < queries:
+        raise ValueError(f"grounding needs at least {queries} frames (one span per indicator), got {frames}")
+    labels = torch.arange(text.indicators.shape[0], device=text.indicators.device)
+    total = text.indicators.new_zeros(())
+    for j, span in enumerate(torch.tensor_split(video.frame_tokens, queries, dim=1)):
+        logits = scale * F.normalize(text.indicators[:, j], dim=-1) @ F.normalize(span.mean(dim=1), dim=-1).T
+        total = total + (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    return total / queries
+
+
+def tokenbinder_losses(
+    model: TokenBinder, text: TextOutput, video: VideoOutput, ground_weight: float = 0.0
+) -> dict[str, torch.Tensor]:
+    """Loss = (l_t2v + l_v2t)/2 + (l_focus_t + l_focus_v)/2 [+ ground_weight * l_ground], with its parts."""
     scale = model.logit_scale
     l_t2v, l_v2t = contrastive_losses(text, video, scale)
     sim = text.i1 @ video.cls.T  # [B, B] broad view S'
@@ -59,10 +82,14 @@ def tokenbinder_losses(model: TokenBinder, text: TextOutput, video: VideoOutput)
     l_focus_v = F.cross_entropy(logits_v, target_v)
 
     loss = (l_t2v + l_v2t) / 2 + (l_focus_t + l_focus_v) / 2
-    return {
-        "loss": loss,
+    parts = {
         "contrastive_t2v": l_t2v.detach(),
         "contrastive_v2t": l_v2t.detach(),
         "focus_t2v": l_focus_t.detach(),
         "focus_v2t": l_focus_v.detach(),
     }
+    if ground_weight:
+        l_ground = grounding_loss(text, video, scale)
+        loss = loss + ground_weight * l_ground
+        parts["ground"] = l_ground.detach()
+    return {"loss": loss, **parts}

@@ -186,7 +186,9 @@ class TokenBinder(nn.Module):
         return self.clip.logit_scale.exp().clamp(max=100.0)
 
     # ---- training ------------------------------------------------------------------------------------------
-    def forward(self, ids: torch.Tensor, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, ids: torch.Tensor, frames: torch.Tensor, ground_weight: float = 0.0
+    ) -> dict[str, torch.Tensor]:
         """Training step for a batch of (caption, video) pairs: returns the named losses (see model.losses)."""
         from model.losses import tokenbinder_losses
 
@@ -195,4 +197,4 @@ class TokenBinder(nn.Module):
         if self.gather is not None:
             text = TextOutput(self.gather(text.i1), self.gather(text.indicators))
             video = VideoOutput(self.gather(video.frame_tokens), self.gather(video.cls))
-        return tokenbinder_losses(self, text, video)
+        return tokenbinder_losses(self, text, video, ground_weight)

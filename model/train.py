@@ -34,7 +34,16 @@ SUMMARY_FILE = "train_summary.json"
 # Parameters that are embeddings rather than weights: no weight decay (CLIP/open_clip practice).
 _NO_DECAY_NAMES = ("embedding", "indicators", "key_pos", "query_pos", "slot_emb", "logit_scale", "logit_bias")
 # Knobs that must match for --resume to continue the same run.
-_RESUME_KEYS = ("batch_size", "lr_focus", "lr_backbone", "weight_decay", "warmup_steps", "seed", "group_key")
+_RESUME_KEYS = (
+    "batch_size",
+    "lr_focus",
+    "lr_backbone",
+    "weight_decay",
+    "warmup_steps",
+    "seed",
+    "group_key",
+    "ground_weight",
+)
 
 
 class ResumeError(RuntimeError):
@@ -58,6 +67,7 @@ class TrainConfig:
     progress: bool = True
     val_group_key: str | None = None  # report validation t2v R@1 per value of this key (e.g. kind)
     stop_after: int | None = None  # end this run after that many epochs (continue later with resume)
+    ground_weight: float = 0.0  # indicator grounding loss (model.losses.grounding_loss); 0: the paper's loss
 
 
 def param_groups(model: TokenBinder, lr_focus: float, lr_backbone: float, weight_decay: float) -> list[dict]:
@@ -132,7 +142,7 @@ class _Run:
 
     def step(self, net: nn.Module, ids: torch.Tensor, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         with self.autocast:
-            losses = net(ids, pixels)
+            losses = net(ids, pixels, ground_weight=self.cfg.ground_weight)
         scaler = self.scaler
         (scaler.scale(losses["loss"]) if scaler else losses["loss"]).backward()
         if scaler:
@@ -327,6 +337,8 @@ _KNOBS = {  # TrainConfig field -> help (the default is appended)
     "workers": "batch-loading processes",
     "decode_workers": "decoding threads",
     "stop_after": "end this run after N epochs (continue with --resume)",
+    "ground_weight": "weight of the indicator grounding loss, ours (0: the paper's loss; 1 for a "
+    "from-scratch text tower, see docs/architecture.md)",
 }
 
 

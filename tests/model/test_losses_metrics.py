@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.losses import topk_with_truth
+from model.losses import grounding_loss, topk_with_truth
 from model.metrics import group_r1, ranks_from_scores, summarize, two_stage_ranks
 
 
@@ -74,3 +74,42 @@ def test_two_stage_can_fix_a_near_tie():
 
 def test_group_r1():
     assert group_r1(np.array([1, 2, 1, 1]), ["a", "a", "b", "b"]) == {"a": 50.0, "b": 100.0}
+
+
+def _outputs(frames: torch.Tensor, indicators: torch.Tensor):
+    from model.tokenbinder import TextOutput, VideoOutput
+
+    cls = torch.nn.functional.normalize(frames.mean(dim=1), dim=-1)
+    return TextOutput(cls, indicators), VideoOutput(frames, cls)
+
+
+def test_grounding_rewards_indicators_that_follow_the_video_in_time():
+    torch.manual_seed(0)
+    frames = torch.nn.functional.normalize(torch.randn(6, 12, 16), dim=-1)  # B=6 videos, T=12
+    spans = torch.stack([s.mean(dim=1) for s in torch.tensor_split(frames, 3, dim=1)], dim=1)  # [6, 3, 16]
+    scale = torch.tensor(20.0)
+    in_order = grounding_loss(*_outputs(frames, spans), scale)
+    reversed_ = grounding_loss(*_outputs(frames, spans.flip(1)), scale)
+    assert in_order < 0.05 < reversed_
+    # Uneven spans (T not divisible by m-1) work; fewer frames than indicators cannot.
+    assert torch.isfinite(grounding_loss(*_outputs(frames[:, :7], spans), scale))
+    with pytest.raises(ValueError, match="at least 3 frames"):
+        grounding_loss(*_outputs(frames[:, :2], spans), scale)
+
+
+def test_grounding_joins_the_loss_only_when_weighted():
+    from model.checkpoint import load_model
+
+    model = load_model("tiny")
+    torch.manual_seed(0)
+    ids = model.tokenize(["a red square", "a blue circle", "a green cross", "a cyan triangle"])
+    frames = model.preprocess_frames(torch.randint(0, 256, (4, model.config.num_frames, 32, 32, 3)).byte())
+    model.train()  # the same Gumbel noise in both calls (seeded)
+    plain = model(ids, frames)
+    torch.manual_seed(0)
+    model.zero_grad()
+    grounded = model(ids, frames, ground_weight=0.5)
+    assert "ground" not in plain and grounded["ground"] > 0
+    torch.testing.assert_close(grounded["loss"], plain["loss"] + 0.5 * grounded["ground"])
+    grounded["loss"].backward()
+    assert model.indicators.grad is not None and model.indicators.grad.abs().sum() > 0

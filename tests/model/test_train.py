@@ -131,6 +131,7 @@ def test_cli_trains_on_generated_clips_and_exports_fp16(tmp_path, capsys):
         str(out),
     ]
     args += ["--epochs", "1", "--batch-size", "6", "--lr-backbone", "1e-3", "--group-key", "family"]
+    args += ["--ground-weight", "1"]
     args += [
         "--val-group-key",
         "kind",
@@ -145,6 +146,7 @@ def test_cli_trains_on_generated_clips_and_exports_fp16(tmp_path, capsys):
     assert summary["train_videos"] == 6 and summary["steps"] == 1
     (record,) = summary["history"]
     assert set(record["val_t2v_R@1"]) == {"broad", "two_stage"}
+    assert np.isfinite(record["ground"]) and record["ground"] > 0
     assert set(record["val_t2v_R@1_by_group"]["broad"]) == {
         "base",
         "colour",
