@@ -161,6 +161,28 @@ def wait_settled(base: str, timeout_s: float) -> dict[int, dict[str, Any]]:
     raise AssertionError(f"videos still unfinished after {timeout_s} s: {stuck}")
 
 
+def wait_for_running_job(db_url: str, timeout_s: float) -> bool:
+    """True once some job is decoding or encoding (read from the catalog), False after timeout_s."""
+    from sqlalchemy import func, select
+
+    from indexer.catalog import Job
+    from indexer.db import make_engine
+    from indexer.jobs import ACTIVE_STATES
+
+    engine = make_engine(db_url)
+    deadline = time.monotonic() + timeout_s
+    try:
+        with engine.connect() as conn:
+            while time.monotonic() < deadline:
+                if conn.execute(select(func.count()).where(Job.state.in_(ACTIVE_STATES))).scalar():
+                    return True
+                conn.rollback()  # end the read transaction so the next poll sees new commits
+                time.sleep(0.005)
+    finally:
+        engine.dispose()
+    return False
+
+
 def media_bytes(base: str, video_id: int) -> bytes:
     """The stored bytes of a video, through the media endpoint."""
     r = httpx.get(f"{base}/videos/{video_id}/media", timeout=10)
@@ -183,7 +205,7 @@ def test_kill_9_api_and_worker_mid_ingest_loses_and_doubles_nothing(procs, new_d
     data, db_url = tmp_path / "data", new_database("sqlite")
     unsent = list(clips)
     accepted: dict[int, Path] = {}  # video id -> clip, for every upload answered 202
-    outcomes = {"accepted": 0, "cut_off": 0, "trials_with_worker_process": 0}
+    outcomes = {"accepted": 0, "cut_off": 0, "trials_with_worker_process": 0, "aimed_kills_mid_job": 0}
 
     def send(path: Path, base: str) -> None:
         try:
@@ -211,6 +233,15 @@ def test_kill_9_api_and_worker_mid_ingest_loses_and_doubles_nothing(procs, new_d
         if worker_pid is not None:
             victims.append((rng.uniform(0.05, 1.0), worker_pid))
             outcomes["trials_with_worker_process"] += 1
+        if trial % 4 >= 2:
+            # Aimed: kill whichever process runs the worker while a job is decoding or encoding. Random
+            # moments alone land mostly before or after jobs on a fast machine (a job lasts ~0.2 s).
+            owner = worker_pid if worker_pid is not None else api_pid
+            if wait_for_running_job(db_url, timeout_s=20):
+                time.sleep(rng.uniform(0.0, 0.05))
+                outcomes["aimed_kills_mid_job"] += 1
+            kill(owner)
+            victims = [(at, pid) for at, pid in victims if pid != owner]
         started = time.monotonic()
         for at, pid in sorted(victims):
             time.sleep(max(0.0, started + at - time.monotonic()))
