@@ -84,21 +84,12 @@ def send(client: TestClient, payload: bytes | Path, filename: str) -> Any:
     return client.post("/videos", files={"file": (filename, data, "video/mp4")})
 
 
-def settle(client: TestClient, job_id: int, timeout_s: float = FAIL_WITHIN_S) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    job: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        job = client.get(f"/jobs/{job_id}").json()
-        if job["state"] in ("ready", "failed"):
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} stuck in {job.get('state')} after {timeout_s} s: {job}")
-
-
-def worker_still_works(client: TestClient, good: Path) -> None:
+def worker_still_works(api: Any, client: TestClient, good: Path) -> None:
     r = send(client, good, "good.mp4")
     assert r.status_code == 202, r.text
-    assert settle(client, r.json()["job_id"])["state"] == "ready", "the worker survived the hostile file"
+    assert api.wait_job(client, r.json()["job_id"], FAIL_WITHIN_S)["state"] == "ready", (
+        "the worker survived the hostile file"
+    )
 
 
 FAILS = {
@@ -111,15 +102,15 @@ FAILS = {
 
 
 @pytest.mark.parametrize("case", sorted(FAILS))
-def test_undecodable_upload_is_a_failed_job_with_its_reason(client, corpus, good_clip, case) -> None:
+def test_undecodable_upload_is_a_failed_job_with_its_reason(api, client, corpus, good_clip, case) -> None:
     r = send(client, corpus[case], f"{case}.mp4")
     assert r.status_code == 202, r.text
-    job = settle(client, r.json()["job_id"])
+    job = api.wait_job(client, r.json()["job_id"], FAIL_WITHIN_S)
     assert job["state"] == "failed" and FAILS[case] in job["error"], job
     assert job["attempts"] == 1, "a file that cannot be decoded is not retried"
     video = client.get(f"/videos/{r.json()['video_id']}").json()
     assert video["status"] == "failed" and video["error"] == job["error"]
-    worker_still_works(client, good_clip())
+    worker_still_works(api, client, good_clip())
 
 
 def test_zero_byte_upload_is_422(client) -> None:
@@ -128,30 +119,30 @@ def test_zero_byte_upload_is_422(client) -> None:
 
 
 @pytest.mark.parametrize("case", ["absurd_dimensions", "zero_fps"])
-def test_lying_header_is_indexed_or_failed_cleanly(client, corpus, good_clip, case) -> None:
+def test_lying_header_is_indexed_or_failed_cleanly(api, client, corpus, good_clip, case) -> None:
     r = send(client, corpus[case], f"{case}.mp4")
     assert r.status_code == 202, r.text
-    job = settle(client, r.json()["job_id"])
+    job = api.wait_job(client, r.json()["job_id"], FAIL_WITHIN_S)
     if job["state"] == "failed":
         assert job["error"] and "Traceback" not in job["error"], job
     else:
         video = client.get(f"/videos/{r.json()['video_id']}").json()
         assert video["segments"] and all(s["end"] > s["start"] for s in video["segments"]), video
-    worker_still_works(client, good_clip())
+    worker_still_works(api, client, good_clip())
 
 
-def test_an_hour_long_video_indexes_in_bounded_time(client, good_clip, tmp_path) -> None:
+def test_an_hour_long_video_indexes_in_bounded_time(api, client, good_clip, tmp_path) -> None:
     hour = write_pattern_video(tmp_path / "hour.mp4", 3600, 16, 16, 1, gop=250)
     started = time.monotonic()
     r = send(client, hour, "hour.mp4")
     assert r.status_code == 202, r.text
-    job = settle(client, r.json()["job_id"], timeout_s=HOUR_BOUND_S)
+    job = api.wait_job(client, r.json()["job_id"], HOUR_BOUND_S)
     elapsed = time.monotonic() - started
     print(f"1-hour 16x16 1 fps video: {job['state']} in {elapsed:.1f} s")
     assert job["state"] == "ready", job
     video = client.get(f"/videos/{r.json()['video_id']}").json()
     assert video["duration"] == pytest.approx(3600, abs=2) and len(video["segments"]) >= 200
-    worker_still_works(client, good_clip())
+    worker_still_works(api, client, good_clip())
 
 
 @pytest.mark.parametrize(
@@ -165,7 +156,7 @@ def test_an_hour_long_video_indexes_in_bounded_time(client, good_clip, tmp_path)
         ("name\x00with\x1fcontrols\x7f.mp4", "namewithcontrols"),
     ],
 )
-def test_odd_filenames_are_display_only(client, good_clip, filename, title) -> None:
+def test_odd_filenames_are_display_only(api, client, good_clip, filename, title) -> None:
     clip = good_clip()
     # A hand-made body: httpx would percent-encode the name; a hostile client sends the raw bytes.
     head = (
@@ -177,7 +168,7 @@ def test_odd_filenames_are_display_only(client, good_clip, filename, title) -> N
         "/videos", content=body, headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
     )
     assert r.status_code == 202, r.text
-    assert settle(client, r.json()["job_id"])["state"] == "ready"
+    assert api.wait_job(client, r.json()["job_id"], FAIL_WITHIN_S)["state"] == "ready"
     video = client.get(f"/videos/{r.json()['video_id']}").json()
     if title is not None:
         assert video["title"] == title
