@@ -88,14 +88,14 @@ class CrossAttentionBlock(nn.Module):
         """The same attention with the projections moved to the query side, for few queries over many tokens.
 
         q_h . (W_k,h x + b_k,h) = (W_k,h^T q_h) . x + q_h . b_k,h, and, since the weights sum to 1,
-        sum_n w_n (W_v,h x_n + b_v,h) = W_v,h (sum_n w_n x_n) + b_v,h. So the D x D projections run on the Q queries instead of the N key tokens: for the
-        text->video view (3 queries, 10 x 12 tokens) about 14 times fewer multiply-adds, same result.
+        sum_n w_n (W_v,h x_n + b_v,h) = W_v,h (sum_n w_n x_n) + b_v,h. So the D x D projections run on the
+        Q queries instead of the N key tokens: for the text->video view (3 queries, 10 x 12 tokens) about
+        14 times fewer multiply-adds, same result.
         """
         B, Q, H, hd = q.shape
-        D = kv_n.shape[-1]
+        N, D = kv_n.shape[1:]
         w_k = self.k_proj.weight.view(H, hd, D)
         w_v = self.v_proj.weight.view(H, hd, D)
-        N = kv_n.shape[1]
         q_in = torch.einsum("bqhe,hed->bhqd", q, w_k).reshape(B, H * Q, D)  # queries in the tokens' space
         # q . b_k, the same for every token: softmax ignores it, but keeping it makes the logits identical
         # and gives b_k its (zero) gradient, which DistributedDataParallel expects of every parameter.
