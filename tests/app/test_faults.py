@@ -20,8 +20,12 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import func, select
 
+from indexer.catalog import Job
 from indexer.cli import main as indexer_main
+from indexer.db import make_engine
+from indexer.jobs import ACTIVE_STATES
 from indexer.synth_media import write_pattern_video
 
 FORK_SERVER = Path(__file__).with_name("fork_server.py")
@@ -163,12 +167,6 @@ def wait_settled(base: str, timeout_s: float) -> dict[int, dict[str, Any]]:
 
 def wait_for_running_job(db_url: str, timeout_s: float) -> bool:
     """True once some job is decoding or encoding (read from the catalog), False after timeout_s."""
-    from sqlalchemy import func, select
-
-    from indexer.catalog import Job
-    from indexer.db import make_engine
-    from indexer.jobs import ACTIVE_STATES
-
     engine = make_engine(db_url)
     deadline = time.monotonic() + timeout_s
     try:
