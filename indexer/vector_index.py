@@ -312,9 +312,9 @@ class VectorIndex:
             if self._flat is not None and len(q) > 1:
                 scores, ids = self._search_torch(q, k)
             else:
-                faiss.omp_set_num_threads(self._threads)  # per calling thread in libgomp
                 fetch = k + len(self._tombstones) if self._gpu_res is not None else k
-                scores, ids = self._index.search(q, fetch, params=self._params)
+                with _omp_threads(self._threads):
+                    scores, ids = self._index.search(q, fetch, params=self._params)
                 if fetch > k:  # on a GPU, tombstones are filtered after the search
                     scores, ids = _drop(scores, ids, self._tombstones, k)
         scores[ids < 0] = -np.inf
@@ -439,6 +439,23 @@ def _pq_centroids(base: faiss.Index) -> int:
         if pq is not None:
             return int(pq.ksub)
     return 1
+
+
+@contextmanager
+def _omp_threads(n: int) -> Iterator[None]:
+    """Run with n OpenMP threads in this thread, then restore the previous count.
+
+    faiss and torch share one libgomp (torch loads it into the global symbol scope) and the thread count
+    is a per-thread setting of that runtime, so a bare faiss.omp_set_num_threads(1) also left every later
+    torch op in the calling thread on one core: the search service's batch thread, which encodes the next
+    queries, lost its second thread (one query encoded in 19.5 ms instead of 12.4, see docs/BENCHMARKS.md).
+    """
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def _drop(

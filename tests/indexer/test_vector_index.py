@@ -251,3 +251,19 @@ def test_to_gpu_without_gpu_support_keeps_the_cpu_index() -> None:
     index = build_index(D, "Flat", [1, 2], _mixture(2, 2))
     assert index.to_gpu() is False
     assert index.search(_mixture(1, 2), 1)[1][0, 0] in (1, 2)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32"])
+def test_a_search_leaves_the_callers_openmp_threads_alone(factory: str) -> None:
+    # faiss and torch share one OpenMP runtime, whose thread count is a per-thread setting: a search must
+    # not leave the torch ops that follow in the same thread (the service encodes its next queries there)
+    # running on fewer cores.
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(3)
+    try:
+        index = build_index(D, factory, np.arange(200), _mixture(200, 4))
+        index.set_search_params(threads=1)
+        index.search(_mixture(1, 4, seed=1), 5)
+        assert faiss.omp_get_max_threads() == 3
+    finally:
+        faiss.omp_set_num_threads(before)
