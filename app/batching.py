@@ -30,13 +30,28 @@ class MicroBatcher(Generic[T, R]):
     in the shared thread pool, as a service without batching would.
     """
 
-    def __init__(self, fn: Callable[[list[T]], list[R]], max_size: int, max_wait_s: float, name: str) -> None:
-        if max_size < 1 or max_wait_s < 0:
-            raise ValueError(f"max_size must be >= 1 and max_wait_s >= 0, got {max_size}, {max_wait_s}")
+    def __init__(
+        self,
+        fn: Callable[[list[T]], list[R]],
+        max_size: int,
+        max_wait_s: float,
+        name: str,
+        *,
+        on_idle: Callable[[], object] | None = None,
+        idle_after_s: float = 1.0,
+    ) -> None:
+        """`on_idle` runs in the batch thread once each time no request has come for `idle_after_s`."""
+        if max_size < 1 or max_wait_s < 0 or idle_after_s <= 0:
+            raise ValueError(
+                f"max_size must be >= 1, max_wait_s >= 0 and idle_after_s > 0, got {max_size}, {max_wait_s}, "
+                f"{idle_after_s}"
+            )
         self._fn = fn
         self.max_size = max_size
         self.max_wait_s = max_wait_s
         self._name = name
+        self._on_idle = on_idle
+        self.idle_after_s = idle_after_s
         self._pending: collections.deque[tuple[T, asyncio.Future[R]]] = collections.deque()
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -87,10 +102,19 @@ class MicroBatcher(Generic[T, R]):
     async def _collect(self) -> None:
         assert self._arrived is not None
         loop = asyncio.get_running_loop()
+        idle = False
         while True:
             while not self._pending:
                 self._arrived.clear()
-                await self._arrived.wait()
+                if idle or self._on_idle is None:
+                    await self._arrived.wait()
+                    continue
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), self.idle_after_s)
+                except TimeoutError:
+                    idle = True
+                    await self._idle(loop)
+            idle = False
             deadline = loop.time() + self.max_wait_s
             while len(self._pending) < self.max_size:
                 remaining = deadline - loop.time()
@@ -106,6 +130,13 @@ class MicroBatcher(Generic[T, R]):
             batch = [(item, fut) for item, fut in batch if not fut.done()]  # clients that gave up
             if batch:
                 await self._run(loop, batch)
+
+    async def _idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self._on_idle is not None
+        try:
+            await loop.run_in_executor(self._executor, self._on_idle)
+        except Exception:
+            logger.exception("the idle hook of %s failed", self._name)
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         items = [item for item, _ in batch]

@@ -22,6 +22,7 @@ from app.search_types import (
     passes,
 )
 from indexer.token_store import MissingRecordError
+from model.openmp import release_openmp_threads
 from model.tokenbinder import TokenBinder
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,12 @@ class Searcher:
         self.num_frames = model.config.num_frames
         self._observe = observe
         self.batcher: MicroBatcher[SearchQuery, SearchOutcome] = MicroBatcher(
-            self.search_batch, batch_max_size, batch_max_wait_s, name="search-batch"
+            self.search_batch,
+            batch_max_size,
+            batch_max_wait_s,
+            name="search-batch",
+            # An idle search thread gives back its OpenMP pool, which would slow the ingest thread's.
+            on_idle=release_openmp_threads,
         )
 
     def warm_up(self) -> None:

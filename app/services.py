@@ -20,6 +20,7 @@ from indexer.paths import DataDir
 from indexer.worker import Worker, register_model
 from model.checkpoint import load_model
 from model.inference import prepare_for_inference
+from model.openmp import release_openmp_threads
 from model.tokenbinder import TokenBinder
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,9 @@ def open_services(settings: Settings, metrics: Metrics) -> Services:
             observe=metrics.observe_stage,
         )
         searcher.warm_up()
+        # Searches run in the batch thread from now on: an OpenMP pool left alive in this loading thread
+        # would make every parallel op there wait on sleeping workers (model.openmp).
+        release_openmp_threads()
         fetcher = UrlFetcher(
             allow_private=settings.allow_private_urls,
             timeout_s=settings.url_timeout_s,

@@ -39,6 +39,7 @@ from indexer.token_store import TokenStore
 from indexer.vector_index import build_index
 from model.checkpoint import load_model
 from model.inference import prepare_for_inference
+from model.openmp import release_openmp_threads
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +235,9 @@ def run_size(n: int, model: Any, texts: list[str], args: argparse.Namespace, out
                      model.config.num_frames, factory=args.factory).open(follow=False)  # fmt: skip
     result["index"] = {"factory": live.factory, "size": live.size, "recall@10": recall_at_10(live, cls, args)}
     result["in_process"] = in_process(model, live, url, texts, args)
+    # The single queries ran in this thread; from here the batch threads search. Give this thread's
+    # OpenMP pool back, as the service does once it has loaded the model (app/services.py, model.openmp).
+    release_openmp_threads()
     if n == max(args.sizes):
         for name, batch in (("batching_on", args.batch_max), ("batching_off", 1)):
             searcher = Searcher(model, live, make_session_factory(make_engine(url)), batch_max_size=batch,

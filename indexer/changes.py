@@ -12,6 +12,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from indexer.catalog import Change
+from model.openmp import release_openmp_threads
 
 logger = logging.getLogger(__name__)
 
@@ -195,4 +196,8 @@ class ChangeFollower:
             failures = 0
             # A full batch means more is waiting: read on without sleeping.
             if applied < self._batch_size:
+                if applied:
+                    # Adding to an HNSW index ran faiss's OpenMP pool in this thread; an idle pool left
+                    # alive slows the search thread's (model.openmp).
+                    release_openmp_threads()
                 self._stop.wait(self.interval_s)

@@ -25,6 +25,7 @@ from indexer.ingest import delete_segments, release_pending
 from indexer.paths import DataDir
 from indexer.token_store import TokenStore
 from model import video_io
+from model.openmp import release_openmp_threads
 from model.tokenbinder import TokenBinder
 from model.video_io import SegmentFrames, VideoDecodeError, VideoInfo
 
@@ -210,6 +211,7 @@ class Writer:
 # --- wiring ---------------------------------------------------------------------------------------------
 ProgressHook = Callable[[VideoTask, str, float], None]
 _DONE = "done"
+_IDLE_RELEASE_S = 1.0  # the encoder thread gives back its OpenMP pool after this long without work
 
 
 def run_pipeline(
@@ -294,7 +296,13 @@ def _encode_loop(
     fatal: BaseException | None = None
     while readers:
         # Block for one item, then take whatever else is ready, up to a full batch of segments.
-        batch = [decoded.get()]
+        try:
+            batch = [decoded.get(timeout=_IDLE_RELEASE_S)]
+        except queue.Empty:
+            # Nothing to encode for a while (no jobs): give back this thread's OpenMP pool, which would
+            # otherwise slow every parallel op of the service's search thread (model.openmp).
+            release_openmp_threads()
+            batch = [decoded.get()]
         while sum(b[0] == "seg" for b in batch) < cfg.batch_size:
             try:
                 batch.append(decoded.get_nowait())

@@ -211,3 +211,30 @@ def test_follower_thread_survives_errors(session_factory: sessionmaker[Session])
     assert recorder.calls == [("add", ids)]
     assert failures == {"db": 0, "apply": 0}
     assert feed.last_seq == 2
+
+
+def test_follower_thread_gives_back_its_openmp_pool_after_applying(
+    session_factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An HNSW add runs faiss's OpenMP pool in the follower thread; left alive it slows the search thread's.
+    from indexer import changes
+
+    released = threading.Event()
+    threads: list[str] = []
+
+    def release() -> bool:
+        threads.append(threading.current_thread().name)
+        released.set()
+        return True
+
+    monkeypatch.setattr(changes, "release_openmp_threads", release)
+    recorder = Recorder()
+    feed = follower(session_factory, recorder, interval_s=0.01)
+    feed.start()
+    try:
+        assert not released.wait(0.2), "nothing applied yet: nothing to give back"
+        index_video(session_factory, 1, 2)
+        assert released.wait(timeout=20), "the follower applied changes but kept its pool"
+    finally:
+        feed.stop()
+    assert recorder.calls and set(threads) == {f"change-follower-{MODEL}"}

@@ -214,6 +214,43 @@ def test_start_thread_follows_the_queue_until_stopped(factory, data, model, tmp_
         assert session.get(Video, video_id).status == "ready"
 
 
+def test_an_idle_worker_gives_back_its_openmp_pool(
+    factory, data, model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its encoder thread's pool, left alive, would slow the search thread's (model.openmp).
+    from indexer import pipeline
+
+    events: list[tuple[str, str]] = []
+    encode = pipeline.Encoder.encode
+
+    def recording_encode(self: Encoder, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        events.append(("encode", threading.current_thread().name))
+        return encode(self, frames)
+
+    monkeypatch.setattr(pipeline, "_IDLE_RELEASE_S", 0.2)
+    monkeypatch.setattr(pipeline.Encoder, "encode", recording_encode)
+    monkeypatch.setattr(
+        pipeline,
+        "release_openmp_threads",
+        lambda: events.append(("release", threading.current_thread().name)),
+    )
+    worker = Worker(factory, data, model, poll_s=0.05)
+    thread = worker.start_thread()
+    try:
+        video_id, _ = _ingest(factory, data, _clip(tmp_path, 0), model.model_id)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with session_scope(factory) as session:
+                if session.get(Video, video_id).status == "ready":
+                    break
+            time.sleep(0.05)
+        time.sleep(1.0)
+    finally:
+        worker.stop(timeout=30)
+    assert ("encode", thread.name) in events
+    assert events[-1] == ("release", thread.name), "idle after its last batch: the pool was not given back"
+
+
 class _DeletedDuringEncode(Encoder):
     def __init__(
         self, model: TokenBinder, factory: sessionmaker[Session], data: DataDir, video_id: int

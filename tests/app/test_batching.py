@@ -1,0 +1,111 @@
+"""MicroBatcher: concurrent requests share one call; a bad one fails alone; the idle hook runs when idle."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from app.batching import MicroBatcher
+
+
+def _run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_share_one_call_in_order() -> None:
+    calls: list[list[int]] = []
+
+    def double(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        return [2 * i for i in items]
+
+    async def main() -> list[int]:
+        batcher = MicroBatcher(double, max_size=8, max_wait_s=0.05, name="t")
+        await batcher.start()
+        try:
+            return list(await asyncio.gather(*(batcher.submit(i) for i in range(5))))
+        finally:
+            await batcher.stop()
+
+    assert _run(main()) == [0, 2, 4, 6, 8]
+    assert calls == [[0, 1, 2, 3, 4]]
+
+
+def test_a_failing_request_fails_alone() -> None:
+    def check(items: list[int]) -> list[int]:
+        if 3 in items:
+            raise ValueError("three")
+        return items
+
+    async def main() -> list[object]:
+        batcher = MicroBatcher(check, max_size=8, max_wait_s=0.05, name="t")
+        await batcher.start()
+        try:
+            return list(await asyncio.gather(*(batcher.submit(i) for i in range(5)), return_exceptions=True))
+        finally:
+            await batcher.stop()
+
+    out = _run(main())
+    assert out[:3] == [0, 1, 2] and out[4] == 4
+    assert isinstance(out[3], ValueError)
+
+
+def test_the_idle_hook_runs_in_the_batch_thread_once_per_idle_spell() -> None:
+    batch_threads: set[int] = set()
+    idle_threads: list[int] = []
+
+    def echo(items: list[int]) -> list[int]:
+        batch_threads.add(threading.get_ident())
+        return items
+
+    async def main() -> tuple[int, int, int]:
+        batcher = MicroBatcher(
+            echo,
+            max_size=4,
+            max_wait_s=0.0,
+            name="t",
+            on_idle=lambda: idle_threads.append(threading.get_ident()),
+            idle_after_s=0.2,
+        )
+        await batcher.start()
+        try:
+            for i in range(10):  # steady traffic, a request every 20 ms: never idle
+                assert await batcher.submit(i) == i
+                await asyncio.sleep(0.02)
+            busy = len(idle_threads)
+            await asyncio.sleep(0.7)  # one idle spell, however long, runs the hook once
+            first_spell = len(idle_threads)
+            await batcher.submit(99)
+            await asyncio.sleep(0.4)  # a request ends the spell; the next one runs it again
+            return busy, first_spell, len(idle_threads)
+        finally:
+            await batcher.stop()
+
+    assert _run(main()) == (0, 1, 2)
+    assert set(idle_threads) == batch_threads and len(batch_threads) == 1
+
+
+def test_a_failing_idle_hook_does_not_stop_the_batcher() -> None:
+    def boom() -> None:
+        raise RuntimeError("idle hook")
+
+    async def main() -> int:
+        batcher = MicroBatcher(lambda xs: xs, max_size=4, max_wait_s=0.0, name="t", on_idle=boom,
+                               idle_after_s=0.05)  # fmt: skip
+        await batcher.start()
+        try:
+            await asyncio.sleep(0.2)
+            return await batcher.submit(7)
+        finally:
+            await batcher.stop()
+
+    assert _run(main()) == 7
+
+
+@pytest.mark.parametrize("kwargs", [{"max_size": 0}, {"max_wait_s": -1.0}, {"idle_after_s": 0.0}])
+def test_bad_settings_are_refused(kwargs: dict[str, float]) -> None:
+    settings = {"max_size": 4, "max_wait_s": 0.0, **kwargs}
+    with pytest.raises(ValueError):
+        MicroBatcher(lambda xs: xs, name="t", **settings)  # type: ignore[arg-type]
