@@ -217,7 +217,7 @@ class Searcher:
             out = model.rescore_videos(
                 indicators[rows].to(model.device, model.dtype),
                 torch.from_numpy(batch).to(model.device, model.dtype),
-                torch.from_numpy(mask).to(model.device),
+                None if mask.all() else torch.from_numpy(mask).to(model.device),  # None: no masking ops
             )
         delta = out.delta.float().cpu().numpy()  # [B', k]
         # The frame each candidate's attention weighted most, summed over the indicator queries.
