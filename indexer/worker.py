@@ -27,6 +27,7 @@ from indexer.live_index import IndexMismatchError, register_model, save_snapshot
 from indexer.paths import DataDir
 from indexer.pipeline import Encoder, PipelineConfig, TaskResult, VideoTask, Writer, run_pipeline
 from indexer.token_store import TokenStore
+from model.openmp import release_openmp_threads
 from model.tokenbinder import TokenBinder
 
 logger = logging.getLogger(__name__)
@@ -388,6 +389,9 @@ def add_paths(
             crashed.append(e)
 
     thread = threading.Thread(target=work, name="add-worker", daemon=True)
+    # The model's encodes run in that thread from here: an OpenMP pool left alive in this one (loading the
+    # model starts one) would slow every one of them (model.openmp).
+    release_openmp_threads()
     thread.start()
     try:
         for path in files:
