@@ -26,7 +26,9 @@ class MicroBatcher(Generic[T, R]):
 
     A batch starts with the first waiting request and takes whatever else arrives within `max_wait_s`,
     up to `max_size`. While a batch runs, new requests queue up and form the next one, so under load
-    batches fill without waiting. `max_size == 1` turns batching off: each request then runs on its own
+    batches fill without waiting. A request that comes alone while nothing runs, after a batch that was
+    alone too (one client searching on its own), does not wait at all: nothing suggests company, and
+    waiting would only add `max_wait_s` to its latency. `max_size == 1` turns batching off: each request then runs on its own
     in the shared thread pool, as a service without batching would.
     """
 
@@ -57,6 +59,8 @@ class MicroBatcher(Generic[T, R]):
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
+        self._running = False  # a batch is in the thread now
+        self._company = False  # a request arrived while one ran: others are searching too
 
     @property
     def enabled(self) -> bool:
@@ -95,6 +99,7 @@ class MicroBatcher(Generic[T, R]):
         if self._task is None or self._arrived is None:
             raise BatcherClosedError("the batcher was not started; call start() inside the app lifespan")
         fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._company |= self._running
         self._pending.append((item, fut))
         self._arrived.set()
         return await fut
@@ -103,6 +108,7 @@ class MicroBatcher(Generic[T, R]):
         assert self._arrived is not None
         loop = asyncio.get_running_loop()
         idle = False
+        last_size = 0
         while True:
             while not self._pending:
                 self._arrived.clear()
@@ -115,7 +121,8 @@ class MicroBatcher(Generic[T, R]):
                     idle = True
                     await self._idle(loop)
             idle = False
-            deadline = loop.time() + self.max_wait_s
+            alone = len(self._pending) == 1 and last_size <= 1 and not self._company
+            deadline = loop.time() + (0.0 if alone else self.max_wait_s)
             while len(self._pending) < self.max_size:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -128,8 +135,13 @@ class MicroBatcher(Generic[T, R]):
                     break
             batch = [self._pending.popleft() for _ in range(min(self.max_size, len(self._pending)))]
             batch = [(item, fut) for item, fut in batch if not fut.done()]  # clients that gave up
+            last_size, self._company = len(batch), False
             if batch:
-                await self._run(loop, batch)
+                self._running = True
+                try:
+                    await self._run(loop, batch)
+                finally:
+                    self._running = False
 
     async def _idle(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self._on_idle is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -109,3 +110,45 @@ def test_bad_settings_are_refused(kwargs: dict[str, float]) -> None:
     settings = {"max_size": 4, "max_wait_s": 0.0, **kwargs}
     with pytest.raises(ValueError):
         MicroBatcher(lambda xs: xs, name="t", **settings)  # type: ignore[arg-type]
+
+
+def test_a_lone_client_does_not_wait_for_company() -> None:
+    async def main() -> float:
+        batcher = MicroBatcher(lambda xs: xs, max_size=8, max_wait_s=0.5, name="t")
+        await batcher.start()
+        try:
+            started = time.perf_counter()
+            for i in range(4):  # one client, one request after another
+                assert await batcher.submit(i) == i
+            return time.perf_counter() - started
+        finally:
+            await batcher.stop()
+
+    assert _run(main()) < 0.5  # waiting for company would take at least 4 x 0.5 s
+
+
+def test_two_clients_out_of_step_end_up_in_one_batch() -> None:
+    sizes: list[int] = []
+
+    def slow(items: list[int]) -> list[int]:
+        sizes.append(len(items))
+        time.sleep(0.02)
+        return items
+
+    async def main() -> None:
+        batcher = MicroBatcher(slow, max_size=8, max_wait_s=0.1, name="t")
+        await batcher.start()
+
+        async def client(c: int) -> None:
+            await asyncio.sleep(0.005 * c)  # out of step: the second comes while the first one's batch runs
+            for i in range(6):
+                assert await batcher.submit(10 * c + i) == 10 * c + i
+
+        try:
+            await asyncio.gather(client(0), client(1))
+        finally:
+            await batcher.stop()
+
+    _run(main())
+    # The request that came while a batch ran waited for the other client's next one.
+    assert sum(sizes) == 12 and sizes.count(2) >= 4
