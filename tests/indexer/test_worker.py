@@ -52,6 +52,15 @@ def _clip(folder: Path, i: int) -> Path:
     return write_pattern_video(folder / f"clip{i}.mp4", 1.0 + 0.25 * i, 64, 48, 8, gop=8)
 
 
+def _wait_until_ready(factory: sessionmaker[Session], video_id: int, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with session_scope(factory) as session:
+            if session.get(Video, video_id).status == "ready":
+                return
+        time.sleep(0.05)
+
+
 def _job(factory: sessionmaker[Session], job_id: int) -> Job:
     with session_scope(factory) as session:
         job = jobs.get_job(session, job_id)
@@ -202,12 +211,7 @@ def test_start_thread_follows_the_queue_until_stopped(factory, data, model, tmp_
     worker = Worker(factory, data, model, poll_s=0.05)
     thread = worker.start_thread()
     video_id, _ = _ingest(factory, data, _clip(tmp_path, 0), model.model_id)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with session_scope(factory) as session:
-            if session.get(Video, video_id).status == "ready":
-                break
-        time.sleep(0.05)
+    _wait_until_ready(factory, video_id)
     worker.stop(timeout=timedelta(seconds=30).total_seconds())
     assert not thread.is_alive()
     with session_scope(factory) as session:
@@ -238,12 +242,7 @@ def test_an_idle_worker_gives_back_its_openmp_pool(
     thread = worker.start_thread()
     try:
         video_id, _ = _ingest(factory, data, _clip(tmp_path, 0), model.model_id)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with session_scope(factory) as session:
-                if session.get(Video, video_id).status == "ready":
-                    break
-            time.sleep(0.05)
+        _wait_until_ready(factory, video_id)
         time.sleep(1.0)
     finally:
         worker.stop(timeout=30)
