@@ -28,8 +28,8 @@ class MicroBatcher(Generic[T, R]):
     up to `max_size`. While a batch runs, new requests queue up and form the next one, so under load
     batches fill without waiting. A request that comes alone while nothing runs, after a batch that was
     alone too (one client searching on its own), does not wait at all: nothing suggests company, and
-    waiting would only add `max_wait_s` to its latency. `max_size == 1` turns batching off: each request then runs on its own
-    in the shared thread pool, as a service without batching would.
+    waiting would only add `max_wait_s` to its latency. `max_size == 1` turns batching off: each request
+    then runs on its own in the shared thread pool, as a service without batching would.
     """
 
     def __init__(

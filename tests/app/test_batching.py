@@ -11,10 +11,6 @@ import pytest
 from app.batching import MicroBatcher
 
 
-def _run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(coro)
-
-
 def test_concurrent_requests_share_one_call_in_order() -> None:
     calls: list[list[int]] = []
 
@@ -30,7 +26,7 @@ def test_concurrent_requests_share_one_call_in_order() -> None:
         finally:
             await batcher.stop()
 
-    assert _run(main()) == [0, 2, 4, 6, 8]
+    assert asyncio.run(main()) == [0, 2, 4, 6, 8]
     assert calls == [[0, 1, 2, 3, 4]]
 
 
@@ -48,7 +44,7 @@ def test_a_failing_request_fails_alone() -> None:
         finally:
             await batcher.stop()
 
-    out = _run(main())
+    out = asyncio.run(main())
     assert out[:3] == [0, 1, 2] and out[4] == 4
     assert isinstance(out[3], ValueError)
 
@@ -84,7 +80,7 @@ def test_the_idle_hook_runs_in_the_batch_thread_once_per_idle_spell() -> None:
         finally:
             await batcher.stop()
 
-    assert _run(main()) == (0, 1, 2)
+    assert asyncio.run(main()) == (0, 1, 2)
     assert set(idle_threads) == batch_threads and len(batch_threads) == 1
 
 
@@ -102,7 +98,7 @@ def test_a_failing_idle_hook_does_not_stop_the_batcher() -> None:
         finally:
             await batcher.stop()
 
-    assert _run(main()) == 7
+    assert asyncio.run(main()) == 7
 
 
 @pytest.mark.parametrize("kwargs", [{"max_size": 0}, {"max_wait_s": -1.0}, {"idle_after_s": 0.0}])
@@ -124,7 +120,7 @@ def test_a_lone_client_does_not_wait_for_company() -> None:
         finally:
             await batcher.stop()
 
-    assert _run(main()) < 0.5  # waiting for company would take at least 4 x 0.5 s
+    assert asyncio.run(main()) < 0.5  # waiting for company would take at least 4 x 0.5 s
 
 
 def test_two_clients_out_of_step_end_up_in_one_batch() -> None:
@@ -149,6 +145,6 @@ def test_two_clients_out_of_step_end_up_in_one_batch() -> None:
         finally:
             await batcher.stop()
 
-    _run(main())
+    asyncio.run(main())
     # The request that came while a batch ran waited for the other client's next one.
     assert sum(sizes) == 12 and sizes.count(2) >= 4
