@@ -10,7 +10,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2  # 2: focus_head (version 1 configs had the slot head only)
 
 # Architectures that open_clip does not ship. Same schema as open_clip's model_configs/*.json.
 _TINY_CLIP = {
@@ -49,6 +49,9 @@ class TokenBinderConfig:
     top_k: int = 10  # k candidates re-scored together by the focused view
     focus_layers: int = 1
     focus_heads: int = 8
+    # "candidate": one head shared by all candidates, fed by each one's own evidence (permutation-equivariant,
+    # no prior over broad ranks); "slot": the first design, k per-slot outputs and a slot embedding (ours).
+    focus_head: str = "candidate"
     gumbel_tau: float = 1.0
     init_logit_scale: float = 2.659260036932778  # log(1 / 0.07), CLIP's
     version: int = CONFIG_VERSION
@@ -61,6 +64,8 @@ class TokenBinderConfig:
             raise ValueError(
                 f"num_indicators must be >= 2 (I_1 plus at least one focus query), got {self.num_indicators}"
             )
+        if self.focus_head not in ("candidate", "slot"):
+            raise ValueError(f"focus_head must be 'candidate' or 'slot', got {self.focus_head!r}")
         if self.top_k < 1 or self.num_frames < 1:
             raise ValueError("top_k and num_frames must be positive")
 
@@ -111,6 +116,8 @@ class TokenBinderConfig:
                 f"config version {data['version']} is newer than this code understands ({CONFIG_VERSION}); "
                 "upgrade the package"
             )
+        if data.get("version", CONFIG_VERSION) < 2 and "focus_head" not in data:
+            data = {**data, "focus_head": "slot"}  # saved before the candidate head existed
         return cls(**data)
 
 

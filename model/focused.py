@@ -130,24 +130,53 @@ def _attention_weights(
     return logits.softmax(dim=-1)
 
 
+FOCUS_HEADS = ("candidate", "slot")
+# Per query and candidate, the evidence the candidate head reads (see FocusedView._candidate_evidence).
+_EVIDENCE = 4
+
+
 class FocusedView(nn.Module):
     """One-to-many re-scoring of k candidates.
 
     text->video: queries are I_2..I_m, candidates are videos with L = T frame tokens each.
     video->text: queries are a video's T frame tokens, candidates are captions with L = m-1 indicators each.
-    Keys get a position embedding (frame index / indicator index) and a slot embedding (broad-view rank).
+    Keys get a position embedding (frame index / indicator index). The attention is joint over all k x L
+    tokens, so the candidates compete for each query (one-to-many).
+
+    head="candidate" (the default): each candidate's correction comes from one small MLP shared by all
+    candidates and fed only by that candidate's own evidence, so the view is permutation-equivariant over
+    the candidates and cannot express a prior over broad-view ranks. head="slot" (the first design, kept for
+    comparison): the keys also get a slot embedding (broad-view rank) and an MLP maps the concatenated
+    attended queries to k per-slot outputs; measured on a held-out generator it learned only its last
+    layer's per-slot bias (docs/architecture.md).
     """
 
     def __init__(
-        self, dim: int, num_queries: int, num_slots: int, seq_len: int, layers: int, heads: int
+        self,
+        dim: int,
+        num_queries: int,
+        num_slots: int,
+        seq_len: int,
+        layers: int,
+        heads: int,
+        head: str = "candidate",
     ) -> None:
         super().__init__()
-        self.num_queries, self.num_slots, self.seq_len = num_queries, num_slots, seq_len
+        if head not in FOCUS_HEADS:
+            raise ValueError(f"unknown focus head {head!r}; expected one of {FOCUS_HEADS}")
+        self.num_queries, self.num_slots, self.seq_len, self.head_kind = num_queries, num_slots, seq_len, head
         self.query_pos = nn.Parameter(torch.randn(num_queries, dim) * 0.02)
         self.key_pos = nn.Parameter(torch.randn(seq_len, dim) * 0.02)
-        self.slot_emb = nn.Parameter(torch.randn(num_slots, dim) * 0.02)
+        self.slot_emb: nn.Parameter | None = None
+        if head == "slot":
+            self.slot_emb = nn.Parameter(torch.randn(num_slots, dim) * 0.02)
         self.blocks = nn.ModuleList(CrossAttentionBlock(dim, heads) for _ in range(layers))
-        first, last = nn.Linear(num_queries * dim, dim), nn.Linear(dim, num_slots)  # in this order: same init
+        if head == "slot":
+            # in this order: the same initialisation as before the candidate head existed
+            first, last = nn.Linear(num_queries * dim, dim), nn.Linear(dim, num_slots)
+        else:
+            # Twice the evidence: each value as it is and relative to the mean over the k candidates.
+            first, last = nn.Linear(2 * _EVIDENCE * num_queries, dim), nn.Linear(dim, 1)
         # Zero-initialised last layer: an untrained focused view changes no score and no ranking.
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
@@ -167,17 +196,63 @@ class FocusedView(nn.Module):
                 f"{self.num_queries} queries, got {k} x {L} and {queries.shape[1]}"
             )
         dtype = self.key_pos.dtype
-        kv = candidates.to(dtype) + (self.key_pos[None] + self.slot_emb[:k, None])  # one add of [k, L, D]
-        kv = kv.reshape(B, k * L, D)  # [B, k*L, D]
+        cands = candidates.to(dtype)
+        pos = self.key_pos[None] if self.slot_emb is None else self.key_pos[None] + self.slot_emb[:k, None]
+        kv = (cands + pos).reshape(B, k * L, D)  # one add of [k, L, D]
         key_mask = None
         if slot_mask is not None:
             key_mask = slot_mask[:, :, None].expand(B, k, L).reshape(B, k * L)
-        x = queries.to(dtype) + self.query_pos[None]
+        q_in = queries.to(dtype)
+        x = q_in + self.query_pos[None]
         attn = None
         for block in self.blocks:
             x, attn = block(x, kv, key_mask, gumbel_tau)
-        delta = self.head(x.reshape(B, -1))[:, :k]  # [B, k]
+        assert attn is not None
+        attn = attn.view(B, -1, k, L)
+        if self.slot_emb is not None:
+            delta = self.head(x.reshape(B, -1))[:, :k]  # [B, k]
+        else:
+            evidence = self._candidate_evidence(q_in, x, cands, attn, slot_mask)  # [B, k, 2 * E * Q]
+            delta = self.head(evidence).squeeze(-1)  # [B, k]: one head, the same for every candidate
         if slot_mask is not None:
             delta = delta.masked_fill(~slot_mask, 0.0)
-        assert attn is not None
-        return FocusOutput(delta=delta.float(), attention=attn.float().view(B, -1, k, L))
+        return FocusOutput(delta=delta.float(), attention=attn.float())
+
+    @staticmethod
+    def _candidate_evidence(
+        queries: torch.Tensor,  # [B, Q, D] as given (normalised embeddings)
+        out: torch.Tensor,  # [B, Q, D] the blocks' output for each query
+        cands: torch.Tensor,  # [B, k, L, D] as given (normalised embeddings, no position)
+        attn: torch.Tensor,  # [B, Q, k, L] the last block's joint attention, averaged over heads
+        slot_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """What each query drew from each candidate, as E numbers per (candidate, query):
+
+        - the attention mass the candidate received (x k, so 1 means an even share): the one-to-many part,
+          as the candidates compete for the query;
+        - the cosine between the query and the candidate's tokens pooled by that query's attention within
+          the candidate, and between the blocks' output and the same pooled tokens: how well what it
+          attended to matches;
+        - the best cosine between the query and any one token of the candidate.
+
+        Each is also given relative to its mean over the real candidates (a side-by-side comparison).
+        Nothing here depends on a candidate's slot, so permuting the candidates permutes the rows.
+        """
+        B, Q, k, L = attn.shape
+        mass = attn.sum(dim=-1)  # [B, Q, k]
+        local = attn / mass.clamp_min(1e-12)[..., None]  # the attention within each candidate, sums to 1
+        pooled = F.normalize(torch.einsum("bqkl,bkld->bqkd", local, cands), dim=-1)  # [B, Q, k, D]
+        q_n, o_n = F.normalize(queries, dim=-1), F.normalize(out, dim=-1)
+        match_q = torch.einsum("bqd,bqkd->bqk", q_n, pooled)
+        match_o = torch.einsum("bqd,bqkd->bqk", o_n, pooled)
+        best = torch.einsum("bqd,bkld->bqkl", q_n, cands).amax(dim=-1)  # [B, Q, k]
+        if slot_mask is None:
+            ev = torch.stack([mass * k, match_q, match_o, best], dim=-1)  # [B, Q, k, E]
+            mean = ev.mean(dim=2, keepdim=True)
+        else:
+            real = slot_mask.sum(dim=1).clamp_min(1).to(mass.dtype)[:, None, None]  # [B, 1, 1]
+            ev = torch.stack([mass * real, match_q, match_o, best], dim=-1)
+            m = slot_mask[:, None, :, None].to(ev.dtype)
+            mean = (ev * m).sum(dim=2, keepdim=True) / real[..., None]
+        ev = torch.cat([ev, ev - mean], dim=-1)  # [B, Q, k, 2E]
+        return ev.permute(0, 2, 1, 3).reshape(B, k, Q * 2 * _EVIDENCE)

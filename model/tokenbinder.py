@@ -61,11 +61,13 @@ class TokenBinder(nn.Module):
         n_ind = config.num_indicators - 1
         self.indicators = nn.Parameter(torch.randn(config.num_appended, width) * 0.02)
         self.focus_t2v = FocusedView(
-            dim, n_ind, config.top_k, config.num_frames, config.focus_layers, config.focus_heads
-        )
+            dim, n_ind, config.top_k, config.num_frames, config.focus_layers, config.focus_heads,
+            config.focus_head,
+        )  # fmt: skip
         self.focus_v2t = FocusedView(
-            dim, config.num_frames, config.top_k, n_ind, config.focus_layers, config.focus_heads
-        )
+            dim, config.num_frames, config.top_k, n_ind, config.focus_layers, config.focus_heads,
+            config.focus_head,
+        )  # fmt: skip
         self._tokenizer: Callable[..., torch.Tensor] | None = None
         # Set by the training loop when distributed: gathers a local batch tensor from every process.
         self.gather: Callable[[torch.Tensor], torch.Tensor] | None = None

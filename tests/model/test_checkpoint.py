@@ -77,3 +77,18 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path):
 def test_pretrained_tag_on_a_project_preset_is_refused():
     with pytest.raises(UnknownPresetError, match="pretrained"):
         load_model("small:openai")
+
+
+def test_a_version_1_config_is_the_slot_head_it_was_saved_with():
+    import dataclasses
+
+    from model.config import TokenBinderConfig, preset_config
+
+    saved = dataclasses.asdict(preset_config("tiny"))
+    del saved["focus_head"]
+    saved["version"] = 1
+    old = TokenBinderConfig.from_dict(json.loads(json.dumps(saved)))
+    assert old.focus_head == "slot"
+    assert TokenBinderConfig.from_dict(dataclasses.asdict(preset_config("tiny"))).focus_head == "candidate"
+    with pytest.raises(ValueError, match="focus_head"):
+        preset_config("tiny", focus_head="rank")

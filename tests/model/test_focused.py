@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.focused import CrossAttentionBlock, _factored_is_cheaper
+from model.focused import CrossAttentionBlock, FocusedView, _factored_is_cheaper
 
 
 def _block(dim: int, heads: int) -> CrossAttentionBlock:
@@ -74,7 +74,6 @@ def test_untrained_attention_finds_the_token_that_matches_the_query():
     """At initialisation a query already points at its exact match among many candidate tokens (W_q = W_k,
     scaled): the head then has evidence to learn from (see CrossAttentionBlock)."""
     torch.manual_seed(0)
-    from model.focused import FocusedView
 
     view = FocusedView(dim=192, num_queries=3, num_slots=10, seq_len=12, layers=1, heads=4)
     cands = F.normalize(torch.randn(8, 10, 12, 192), dim=-1)
@@ -85,3 +84,82 @@ def test_untrained_attention_finds_the_token_that_matches_the_query():
     mass = out.attention.sum(-1).mean(1)  # [B, k]: attention per slot, averaged over the queries
     assert (mass.argmax(1) == target_slot).all()
     assert mass[torch.arange(8), target_slot].min() > 0.5  # a uniform attention would give 0.1
+
+
+def _trained_view(head: str = "candidate", seed: int = 0) -> FocusedView:
+    """A view whose last layer is no longer zero (as after training), so every path carries signal."""
+    torch.manual_seed(seed)
+    view = FocusedView(dim=32, num_queries=3, num_slots=6, seq_len=5, layers=1, heads=4, head=head).double()
+    with torch.no_grad():
+        view.head[-1].weight.normal_(0.0, 0.5)
+        view.head[-1].bias.normal_(0.0, 0.5)
+    return view
+
+
+def _inputs(batch: int = 4, k: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    queries = F.normalize(torch.randn(batch, 3, 32, dtype=torch.float64), dim=-1)
+    cands = F.normalize(torch.randn(batch, k, 5, 32, dtype=torch.float64), dim=-1)
+    return queries, cands
+
+
+def test_reordering_the_candidates_reorders_the_corrections():
+    view = _trained_view()
+    queries, cands = _inputs()
+    with torch.no_grad():
+        base = view(queries, cands).delta
+        for _ in range(3):
+            perm = torch.randperm(6)
+            moved = view(queries, cands[:, perm]).delta
+            torch.testing.assert_close(moved, base[:, perm], rtol=0, atol=1e-12)
+    assert base.std(dim=1).min() > 1e-3, "the corrections differ between candidates"
+
+
+def test_the_slot_head_is_kept_for_comparison_and_is_not_equivariant():
+    view = _trained_view("slot")
+    queries, cands = _inputs()
+    perm = torch.tensor([5, 4, 3, 2, 1, 0])
+    with torch.no_grad():
+        base, moved = view(queries, cands).delta, view(queries, cands[:, perm]).delta
+    assert not torch.allclose(moved, base[:, perm], atol=1e-6)
+    # Identical candidates in every slot still get different corrections: a prior over slots.
+    same = cands[:, :1].expand(-1, 6, -1, -1)
+    with torch.no_grad():
+        assert view(queries, same).delta.std(dim=1).min() > 1e-3
+
+
+def test_identical_candidates_get_identical_corrections():
+    """No prior over broad-view ranks can be expressed: the same candidate scores the same in every slot."""
+    view = _trained_view()
+    queries, cands = _inputs()
+    same = cands[:, 2:3].expand(-1, 6, -1, -1)
+    with torch.no_grad():
+        delta = view(queries, same).delta
+    torch.testing.assert_close(delta, delta[:, :1].expand_as(delta), rtol=0, atol=1e-12)
+
+
+def test_an_untrained_view_changes_nothing():
+    for head in ("candidate", "slot"):
+        view = FocusedView(dim=32, num_queries=3, num_slots=6, seq_len=5, layers=2, heads=4, head=head)
+        queries, cands = _inputs()
+        assert view(queries.float(), cands.float()).delta.abs().max() == 0
+
+
+def test_missing_candidates_do_not_change_the_others():
+    """Padding slots (slot_mask False) get 0 and take no attention nor part in the side-by-side means."""
+    view = _trained_view()
+    queries, cands = _inputs(k=6)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[:, 4:] = False
+    padded = cands.clone()
+    padded[:, 4:] = 0.0
+    with torch.no_grad():
+        short = view(queries, cands[:, :4]).delta
+        full = view(queries, padded, slot_mask=mask).delta
+    torch.testing.assert_close(full[:, :4], short, rtol=0, atol=1e-12)
+    assert full[:, 4:].abs().max() == 0
+
+
+def test_an_unknown_head_is_refused():
+    with pytest.raises(ValueError, match="focus head"):
+        FocusedView(dim=32, num_queries=3, num_slots=6, seq_len=5, layers=1, heads=4, head="rank")
