@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from model.data import ClipSet, FrameCache, Sample, default_cache_dir, prepare_clips
-from model.metrics import group_r1, retrieval_report, two_stage_ranks
+from model.metrics import group_r1, retrieval_report, slot_spread, two_stage_ranks
 from model.tokenbinder import TextOutput, TokenBinder, VideoOutput
 
 logger = logging.getLogger(__name__)
@@ -67,11 +67,14 @@ def retrieval_metrics(
         cands = text.indicators[torch.from_numpy(cols)].to(dev)  # [B, k, m-1, D]
         return model.rescore_texts(frames, cands).delta.cpu().numpy()
 
-    t2v = two_stage_ranks(scores, truth, k, rescore_videos, batch_size=batch_size)
-    v2t = two_stage_ranks(scores.T, truth.T, k, rescore_texts, batch_size=batch_size)
+    kk = min(k, scores.shape[1])
+    deltas_t = np.zeros((scores.shape[0], kk))
+    deltas_v = np.zeros((scores.shape[1], kk))
+    t2v = two_stage_ranks(scores, truth, k, rescore_videos, batch_size=batch_size, deltas_out=deltas_t)
+    v2t = two_stage_ranks(scores.T, truth.T, k, rescore_texts, batch_size=batch_size, deltas_out=deltas_v)
     out: dict[str, Any] = {
-        "t2v": retrieval_report(*t2v),
-        "v2t": retrieval_report(*v2t),
+        "t2v": {**retrieval_report(*t2v), "delta_by_slot": slot_spread(deltas_t)},
+        "v2t": {**retrieval_report(*v2t), "delta_by_slot": slot_spread(deltas_v)},
         "n_queries": int(scores.shape[0]),
         "n_videos": int(scores.shape[1]),
         "model_id": model.model_id,
@@ -138,6 +141,17 @@ def format_table(metrics: dict[str, Any]) -> str:
         for stage in ("broad", "two_stage"):
             row = metrics[direction][stage]
             lines.append(f"| {direction} | {stage} | " + " | ".join(f"{row[k]:.1f}" for k in keys) + " |")
+    lines += [
+        "",
+        "| focused view's corrections | spread within a slot | between slots | verdict |",
+        "|---|---:|---:|---|",
+    ]
+    for direction in ("t2v", "v2t"):
+        spread = metrics[direction].get("delta_by_slot")
+        if spread:
+            lines.append(
+                f"| {direction} | {spread['within']:.4f} | {spread['between']:.4f} | {spread['verdict']} |"
+            )
     if "by_group" in metrics:
         g = metrics["by_group"]
         lines += ["", f"| t2v R@1 by {g['key']} | broad | two_stage |", "|---|---:|---:|"]

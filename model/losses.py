@@ -70,15 +70,20 @@ def tokenbinder_losses(
     sim = text.i1 @ video.cls.T  # [B, B] broad view S'
     k = min(model.config.top_k, sim.shape[0])
 
-    idx, target = topk_with_truth(sim, k)  # videos for each text
+    # The focus losses train the focused views only through their corrections: the broad scores and the
+    # temperature enter them as constants. With gradients through `sim` the focus loss is a second, harder
+    # contrastive loss on the broad view (its top-k are the hardest in-batch negatives), so the view's own
+    # gain cannot be told from a sharper broad view, and the loss falls without the view reading anything.
+    fixed_scale, fixed_sim = scale.detach(), sim.detach()
+    idx, target = topk_with_truth(fixed_sim, k)  # videos for each text
     focus = model.rescore_videos(text.indicators, video.frame_tokens[idx])  # [B, k, T, D]
-    logits = scale * (sim.gather(1, idx) + focus.delta)
+    logits = fixed_scale * (fixed_sim.gather(1, idx) + focus.delta)
     l_focus_t = F.cross_entropy(logits, target)
 
-    sim_v = sim.T  # [B videos, B texts]
+    sim_v = fixed_sim.T  # [B videos, B texts]
     idx_v, target_v = topk_with_truth(sim_v, k)
     focus_v = model.rescore_texts(video.frame_tokens, text.indicators[idx_v])  # [B, k, m-1, D]
-    logits_v = scale * (sim_v.gather(1, idx_v) + focus_v.delta)
+    logits_v = fixed_scale * (sim_v.gather(1, idx_v) + focus_v.delta)
     l_focus_v = F.cross_entropy(logits_v, target_v)
 
     loss = (l_t2v + l_v2t) / 2 + (l_focus_t + l_focus_v) / 2

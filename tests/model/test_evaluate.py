@@ -92,7 +92,10 @@ def test_cli_writes_design_json_and_prints_a_table(library, tmp_path, capsys):
     assert main([*args, "--out", str(out), "--group-key", "kind", "--cache-dir", str(tmp_path / "c")]) == 0
     metrics = json.loads(out.read_text())
     assert {"t2v", "v2t", "n_queries", "n_videos", "model_id", "top_k", "by_group"} <= set(metrics)
-    assert set(metrics["t2v"]) == {"broad", "two_stage"} and set(metrics["v2t"]["two_stage"]) == KEYS
+    assert (
+        set(metrics["t2v"]) == {"broad", "two_stage", "delta_by_slot"}
+        and set(metrics["v2t"]["two_stage"]) == KEYS
+    )
     assert metrics["model_id"] == load_model(str(tmp_path / "ckpt")).model_id
     printed = capsys.readouterr().out
     assert "| t2v | two_stage |" in printed and "| motion |" in printed

@@ -113,3 +113,57 @@ def test_grounding_joins_the_loss_only_when_weighted():
     torch.testing.assert_close(grounded["loss"], plain["loss"] + 0.5 * grounded["ground"])
     grounded["loss"].backward()
     assert model.indicators.grad is not None and model.indicators.grad.abs().sum() > 0
+
+
+def test_the_focus_losses_do_not_train_the_broad_view():
+    """The broad scores and the temperature enter the focus losses as constants: with an untrained (zero)
+    focused view, the gradient on I_1 and CLS is exactly the contrastive losses' own."""
+    from model.checkpoint import load_model
+    from model.losses import contrastive_losses, tokenbinder_losses
+    from model.tokenbinder import TextOutput, VideoOutput
+
+    model = load_model("tiny")
+    torch.manual_seed(0)
+    frames = torch.nn.functional.normalize(torch.randn(6, 4, 32), dim=-1)
+    ind = torch.nn.functional.normalize(torch.randn(6, 3, 32), dim=-1)
+    grads = []
+    for which in ("all", "contrastive"):
+        i1 = torch.nn.functional.normalize(
+            torch.randn(6, 32, generator=torch.Generator().manual_seed(1)), dim=-1
+        )
+        i1.requires_grad_(True)
+        cls = frames.mean(dim=1).clone().requires_grad_(True)
+        text, video = TextOutput(i1, ind), VideoOutput(frames, cls)
+        if which == "all":
+            losses = tokenbinder_losses(model, text, video)
+            assert losses["focus_t2v"] > 0 and losses["focus_v2t"] > 0
+            loss = losses["loss"]
+        else:
+            loss = sum(contrastive_losses(text, video, model.logit_scale)) / 2
+        loss.backward()
+        grads.append((i1.grad, cls.grad))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_slot_spread_tells_a_rank_prior_from_content():
+    from model.metrics import slot_spread
+
+    rng = np.random.default_rng(0)
+    prior = np.tile(np.linspace(0.08, -0.08, 10), (200, 1)) + rng.normal(0, 0.001, (200, 10))
+    content = rng.normal(0, 0.15, (200, 10)) + np.linspace(0.05, -0.05, 10)
+    assert slot_spread(prior)["verdict"] == "rank prior"
+    report = slot_spread(content)
+    assert report["verdict"] == "content" and report["within"] > report["between"]
+    assert len(report["mean_by_slot"]) == 10
+    assert slot_spread(np.zeros((5, 10)))["verdict"] == "inactive"
+    with pytest.raises(ValueError):
+        slot_spread(np.zeros(10))
+
+
+def test_two_stage_hands_back_every_correction_in_broad_order():
+    scores = np.array([[0.9, 0.5, 0.7], [0.1, 0.2, 0.3]])
+    truth = np.eye(2, 3, dtype=bool)
+    out = np.full((2, 2), np.nan)
+    two_stage_ranks(scores, truth, 2, lambda rows, cols: cols.astype(float), deltas_out=out)
+    np.testing.assert_array_equal(out, [[0, 2], [2, 1]])  # the candidates' column ids, best broad first
