@@ -274,8 +274,11 @@ def prepare_clips(
 class UniqueVideoBatchSampler:
     """Shuffled batches in which no two samples share a video (they would be each other's false negatives).
 
-    `groups` (optional, one label per sample) keeps samples with the same label next to each other so they
-    tend to share a batch: hard in-batch negatives, e.g. a synthetic family's near-identical siblings.
+    `groups` (optional, one label per sample) puts the samples of one label in one batch: hard in-batch
+    negatives, e.g. a synthetic family's near-identical siblings. Groups are packed whole (first fit, in a
+    shuffled order), so no group is cut at a batch boundary and a batch may run a few samples short of
+    `batch_size` (fewer than the largest group); a group larger than a batch, or one holding two captions
+    of a video, is split. `multiple_of` (the number of processes) trims each such batch to a multiple of it.
     Batches are a function of (seed, epoch) only, so every process and a resumed run see the same order.
     """
 
@@ -286,10 +289,14 @@ class UniqueVideoBatchSampler:
         seed: int = 0,
         drop_last: bool = True,
         groups: Sequence[Hashable] | None = None,
+        multiple_of: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if multiple_of < 1 or batch_size % multiple_of:
+            raise ValueError(f"batch_size {batch_size} is not a multiple of {multiple_of}")
         self.videos, self.batch_size, self.seed, self.drop_last = list(videos), batch_size, seed, drop_last
+        self.multiple_of = multiple_of
         self.groups = list(groups) if groups is not None else None
         self.epoch = 0
         self._memo: tuple[int, list[list[int]]] | None = None
@@ -297,26 +304,66 @@ class UniqueVideoBatchSampler:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _order(self, rng: random.Random) -> list[int]:
-        if self.groups is None:
-            order = list(range(len(self.videos)))
-            rng.shuffle(order)
-            return order
+    def _batches(self) -> list[list[int]]:
+        if self._memo is not None and self._memo[0] == self.epoch:
+            return self._memo[1]
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        batches = self._grouped(rng) if self.groups is not None else self._shuffled(rng)
+        self._memo = (self.epoch, batches)
+        return batches
+
+    def _chunks(self, rng: random.Random) -> list[list[int]]:
+        """Each group (in a shuffled order, its members shuffled) as few batch-sized, video-unique parts."""
+        assert self.groups is not None
         members: dict[Hashable, list[int]] = {}
         for i, g in enumerate(self.groups):
             members.setdefault(g, []).append(i)
         keys = list(members)
         rng.shuffle(keys)
-        order = []
+        chunks: list[list[int]] = []
         for g in keys:
             rng.shuffle(members[g])
-            order.extend(members[g])
-        return order
+            parts: list[tuple[list[int], set[Hashable]]] = []
+            for i in members[g]:
+                video = self.videos[i]
+                part = next((p for p in parts if video not in p[1] and len(p[0]) < self.batch_size), None)
+                if part is None:
+                    part = ([], set())
+                    parts.append(part)
+                part[0].append(i)
+                part[1].add(video)
+            chunks.extend(p[0] for p in parts)
+        return chunks
 
-    def _batches(self) -> list[list[int]]:
-        if self._memo is not None and self._memo[0] == self.epoch:
-            return self._memo[1]
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+    def _grouped(self, rng: random.Random) -> list[list[int]]:
+        size, videos = self.batch_size, self.videos
+        chunks = self._chunks(rng)
+        bins: list[tuple[list[int], set[Hashable]]] = []
+        open_bins: list[int] = []  # indices into bins that still have room
+        for chunk in chunks:
+            need = {videos[i] for i in chunk}
+            fits = (n for n, b in enumerate(open_bins) if len(bins[b][0]) + len(chunk) <= size)
+            n = next((n for n in fits if not bins[open_bins[n]][1] & need), None)
+            if n is None:
+                n = len(open_bins)
+                open_bins.append(len(bins))
+                bins.append(([], set()))
+            members, seen = bins[open_bins[n]]
+            members.extend(chunk)
+            seen |= need
+            if len(members) == size:
+                del open_bins[n]
+        largest = max((len(c) for c in chunks), default=1)
+        out = []
+        for members, _ in bins:
+            members = members[: len(members) - len(members) % self.multiple_of]
+            if members and (not self.drop_last or len(members) > size - largest):
+                out.append(members)
+        return out
+
+    def _shuffled(self, rng: random.Random) -> list[list[int]]:
+        order = list(range(len(self.videos)))
+        rng.shuffle(order)
         size, videos = self.batch_size, self.videos
         batches: list[list[int]] = []
         batch: list[int] = []
@@ -339,7 +386,7 @@ class UniqueVideoBatchSampler:
                 batches.append(batch)
                 batch, seen = [], set()
 
-        for i in self._order(rng):
+        for i in order:
             waiting.append(i)
             drain()
         while batch or waiting:
@@ -348,7 +395,6 @@ class UniqueVideoBatchSampler:
             drain()
         if self.drop_last:
             batches = [b for b in batches if len(b) == size]
-        self._memo = (self.epoch, batches)
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:

@@ -235,7 +235,9 @@ def train(
     torch.manual_seed(cfg.seed)  # the same Gumbel noise on every process: identical global losses
     model.to(ctx.device).train()
     groups = [s.meta.get(cfg.group_key) for s in train_clips.samples] if cfg.group_key else None
-    sampler = UniqueVideoBatchSampler(train_clips.clip_index, cfg.batch_size, cfg.seed, groups=groups)
+    sampler = UniqueVideoBatchSampler(
+        train_clips.clip_index, cfg.batch_size, cfg.seed, groups=groups, multiple_of=ctx.world_size
+    )
     if len(sampler) == 0:
         raise ValueError(
             f"batch size {cfg.batch_size} exceeds the {len(train_clips.clips)} distinct training videos; "
@@ -252,19 +254,20 @@ def train(
     stop = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, start + cfg.stop_after)
     for epoch in range(start, stop):
         sampler.set_epoch(epoch)
-        t0, sums = time.perf_counter(), dict[str, float]()
+        t0, sums, seen = time.perf_counter(), dict[str, float](), 0
         bar = tqdm(
             total=len(sampler),
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             disable=not (cfg.progress and ctx.is_main),
         )
         for n, (step_ids, frames) in enumerate(_batches(train_clips, ids, sampler, ctx, cfg.workers), 1):
+            seen += len(step_ids) * ctx.world_size  # grouped batches may run a few samples short
             pixels = model.preprocess_frames(frames).to(ctx.device, non_blocking=True)
             for k, v in run.step(net, step_ids.to(ctx.device), pixels).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             bar.set_postfix(
                 loss=f"{sums['loss'] / n:.3f}",
-                clips_s=f"{n * cfg.batch_size / (time.perf_counter() - t0):.1f}",
+                clips_s=f"{seen / (time.perf_counter() - t0):.1f}",
             )
             bar.update()
         bar.close()
@@ -273,7 +276,7 @@ def train(
         record = {
             "epoch": epoch + 1,
             "seconds": round(seconds, 1),
-            "clips_per_s": round(len(sampler) * cfg.batch_size / seconds, 1),
+            "clips_per_s": round(seen / seconds, 1),
         }
         record.update({k: round(v / len(sampler), 4) for k, v in sums.items()})
         record["logit_scale"] = round(float(model.logit_scale.detach()), 3)
@@ -375,6 +378,12 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="torch CPU threads (default: torch's choice; 1 can be faster on a busy machine)",
     )
+    p.add_argument(
+        "--focus-head",
+        choices=("candidate", "slot"),
+        help="focused-view head of a new model: candidate (default; one head shared by all candidates) or "
+        "slot (the first design, k per-slot outputs; for comparison), see docs/architecture.md",
+    )
     p.add_argument("--cache-dir", type=Path, help=f"decoded-frame cache (default: {default_cache_dir()})")
     p.add_argument("--export", type=Path, help="also write the final model here (e.g. a release folder)")
     p.add_argument(
@@ -384,17 +393,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _initial_model(preset: str | None, init: str | None) -> TokenBinder:
+def _initial_model(preset: str | None, init: str | None, focus_head: str | None = None) -> TokenBinder:
     from model.checkpoint import build_model, load_model
     from model.config import preset_config
 
+    overrides = {"focus_head": focus_head} if focus_head else {}
     if init is None:
         if preset is None:
             raise SystemExit(
                 "give --preset (train from scratch) or --init (a checkpoint or PRESET:PRETRAINED)"
             )
-        return build_model(preset_config(preset))
-    model = load_model(init)
+        return build_model(preset_config(preset, **overrides))
+    spec = Path(init).expanduser()
+    if focus_head and spec.is_dir():
+        raise SystemExit("--focus-head applies to a new model; a checkpoint keeps the focused view it has")
+    if focus_head:  # PRESET:PRETRAINED: the backbone's weights, a new focused view of the asked kind
+        name, _, pretrained = init.partition(":")
+        model = build_model(preset_config(name, pretrained=pretrained or None, **overrides))
+    else:
+        model = load_model(init)
     if preset is not None and model.config.preset != preset:
         raise SystemExit(f"--init {init} is a {model.config.preset!r} model but --preset says {preset!r}")
     return model
@@ -415,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = _initial_model(args.preset, args.init)
+    model = _initial_model(args.preset, args.init, args.focus_head)
     if args.manifest is not None:
         samples = read_manifest(args.manifest)
     else:

@@ -202,3 +202,33 @@ def test_groups_share_batches():
     assert together == 20, "with batches a multiple of the family size, every family is in one batch"
     mixed = list(UniqueVideoBatchSampler(videos, 24, seed=0))
     assert sum(len({families[i] for i in b}) for b in mixed) > 40
+
+
+def test_groups_stay_whole_when_the_batch_is_no_multiple_of_the_group():
+    """Hard siblings must meet in the in-batch top-k: no family is cut at a batch boundary (batches may
+    then run short by less than a family), and the batches split evenly over processes when asked."""
+    families = [i // 6 for i in range(600)] + [100 + i // 4 for i in range(200)]  # 100 of 6, 50 of 4
+    videos = list(range(len(families)))
+    for epoch in range(3):
+        sampler = UniqueVideoBatchSampler(videos, 64, seed=2, groups=families)
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        _check_batches(batches, videos, 64)
+        assert all(len(b) > 64 - 6 for b in batches)
+        home = {}
+        for n, b in enumerate(batches):
+            for i in b:
+                assert home.setdefault(families[i], n) == n, "a family split over two batches"
+        assert sum(len(b) for b in batches) >= 0.9 * len(videos)
+    even = list(UniqueVideoBatchSampler(videos, 64, seed=2, groups=families, multiple_of=4))
+    assert all(len(b) % 4 == 0 for b in even)
+    with pytest.raises(ValueError, match="multiple"):
+        UniqueVideoBatchSampler(videos, 62, groups=families, multiple_of=4)
+
+
+def test_a_group_larger_than_a_batch_or_with_repeated_videos_is_split():
+    families = [0] * 20 + [1] * 4
+    videos = list(range(10)) * 2 + [50, 51, 52, 53]  # family 0: 10 videos with two captions each
+    batches = list(UniqueVideoBatchSampler(videos, 8, seed=0, groups=families, drop_last=False))
+    flat = _check_batches(batches, videos, 8)
+    assert sorted(flat) == list(range(len(videos)))

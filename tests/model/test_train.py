@@ -53,7 +53,7 @@ def test_param_groups_split_focus_backbone_and_decay():
     assert where["indicators"] == (1e-4, 0.0)
     assert where["focus_t2v.blocks.0.q_proj.weight"] == (1e-4, 0.2)
     assert where["focus_t2v.blocks.0.q_proj.bias"] == (1e-4, 0.0)
-    assert where["focus_v2t.slot_emb"] == (1e-4, 0.0)
+    assert where["focus_v2t.key_pos"] == (1e-4, 0.0)
     assert where["clip.transformer.resblocks.0.mlp.c_fc.weight"] == (1e-6, 0.2)
     assert where["clip.token_embedding.weight"] == (1e-6, 0.0)
     assert where["clip.positional_embedding"] == (1e-6, 0.0)
@@ -170,3 +170,37 @@ def test_cli_needs_a_model_and_explains_options(tmp_path, capsys):
         main(["--help"])
     assert e.value.code == 0
     assert "--lr-backbone" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_fine_tuning_a_pretrained_vit_b32_trains_the_candidate_view(tmp_path, one_thread):
+    """--init ViT-B-32:/local/weights (random weights standing in for openai's) fine-tunes with the new view."""
+    import open_clip
+
+    from indexer.synth import generate_library
+
+    weights = tmp_path / "vit-b-32.pt"
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model("ViT-B-32").state_dict(), weights)
+    lib = generate_library(tmp_path / "lib", 1, seed=0, holdout=0.0, size=32, seconds=1.0, workers=1)
+    out = tmp_path / "run"
+    args = ["--manifest", str(lib.train), "--init", f"ViT-B-32:{weights}", "--out", str(out)]
+    args += ["--epochs", "1", "--batch-size", "3", "--lr-backbone", "1e-6", "--lr-focus", "1e-2"]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--no-progress", "--decode-workers", "1"]
+    assert main(args) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["preset"] == "ViT-B-32"
+    assert all(np.isfinite(r["focus_t2v"]) for r in summary["history"])
+    tuned = load_model(str(out / "model"))
+    assert tuned.config.focus_head == "candidate" and tuned.config.pretrained == str(weights)
+    # The zero-initialised last layer has moved: the focused view trained.
+    assert tuned.focus_t2v.head[-1].weight.abs().sum() > 0
+    with pytest.raises(SystemExit, match="checkpoint keeps"):
+        main([*args[:2], "--init", str(out / "model"), "--focus-head", "slot", "--out", str(tmp_path / "b")])
+
+
+def test_focus_head_option_builds_the_slot_head_for_comparison(tmp_path):
+    from model.train import _initial_model
+
+    assert _initial_model("tiny", None, "slot").focus_t2v.slot_emb is not None
+    assert _initial_model("tiny", None).focus_t2v.slot_emb is None
