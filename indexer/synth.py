@@ -41,9 +41,44 @@ TEMPLATES = (
     "first a {c1} {s1} moves {d1}, then a {c2} {s2} moves {d2}; the background is {bg}",
     "a {c1} {s1} goes {d1}, followed by a {c2} {s2} going {d2}, over a {bg} background",
 )
+# Other wordings of the same captions, with the same content words in other sentence shapes: a variant of
+# the library (GeneratorVariant.held_out_wording) captions its held-out families with these only, so a
+# model is tested on phrasings it never trained on.
+HELD_OUT_TEMPLATES = (
+    "{bg} background: a {c1} {s1} moves {d1}, and after it a {c2} {s2} moves {d2}",
+    "a {c1} {s1} that goes {d1} is followed by a {c2} {s2} that goes {d2}, the background {bg}",
+)
 # Evaluation samples this many frames at bin centres; the clip length must make them land mid-frame.
 EVAL_FRAMES = 12
 OBJECT_FRACTION = 0.28  # object side / frame side: still clearly visible at 64 px
+# When the two events happen (GeneratorVariant.timing):
+#   sequential: the first object crosses during the first half and leaves, the second during the second half;
+#   overlap: the first moves during the first two thirds, the second during the last two (both in the middle);
+#   stay: as sequential, but the first object stays where it stopped while the second moves.
+TIMINGS = ("sequential", "overlap", "stay")
+
+
+@dataclass(frozen=True)
+class GeneratorVariant:
+    """What a variant of the library changes, so a model can be tested on data it was not tuned on.
+
+    The default is the project's library. `timing` is one of TIMINGS or "mixed" (a seeded choice per
+    family among overlap and stay); `lengths` are clip lengths in seconds drawn per clip (empty: the
+    library's one length); `family_size` is the (min, max) clips per family, base included (6: every
+    kind); `held_out_wording` captions the held-out families with HELD_OUT_TEMPLATES only.
+    """
+
+    timing: str = "sequential"
+    lengths: tuple[float, ...] = ()
+    family_size: tuple[int, int] = (len(KINDS), len(KINDS))
+    held_out_wording: bool = False
+
+    def __post_init__(self) -> None:
+        if self.timing not in (*TIMINGS, "mixed"):
+            raise ValueError(f"timing must be one of {(*TIMINGS, 'mixed')}, got {self.timing!r}")
+        lo, hi = self.family_size
+        if not 2 <= lo <= hi <= len(KINDS):
+            raise ValueError(f"family_size must be 2 <= min <= max <= {len(KINDS)}, got {self.family_size}")
 
 
 @dataclass(frozen=True)
@@ -71,8 +106,34 @@ def check_timing(fps: int, seconds: float) -> int:
     return frames
 
 
-def family_spec(family: int, seed: int) -> list[dict[str, Any]]:
-    """The six clips of a family (base first), each as {"kind", "events", "background", ...}."""
+def family_spec(
+    family: int, seed: int, variant: GeneratorVariant | None = None, held_out: bool = False
+) -> list[dict[str, Any]]:
+    """The clips of a family (base first), each as {"kind", "events", "background", "timing", ...}.
+
+    The default variant gives all six kinds; a variant's choices come from a second seeded stream, so the
+    default library stays the same whatever variants exist.
+    """
+    variant = variant or GeneratorVariant()
+    clips = _family_clips(family, seed)
+    extra = np.random.default_rng([seed, family, 1])
+    lo, hi = variant.family_size
+    count = int(extra.integers(lo, hi + 1))
+    if count < len(clips):
+        keep = sorted(int(i) for i in extra.choice(np.arange(1, len(clips)), size=count - 1, replace=False))
+        clips = [clips[0], *(clips[i] for i in keep)]
+    timing = variant.timing if variant.timing != "mixed" else str(extra.choice(["overlap", "stay"]))
+    if variant.held_out_wording and held_out:
+        template = int(extra.integers(len(HELD_OUT_TEMPLATES)))
+    for clip in clips:
+        clip["timing"] = timing
+        clip["seconds"] = float(extra.choice(variant.lengths)) if variant.lengths else None
+        if variant.held_out_wording and held_out:
+            clip["template"] = len(TEMPLATES) + template  # an index into TEMPLATES + HELD_OUT_TEMPLATES
+    return clips
+
+
+def _family_clips(family: int, seed: int) -> list[dict[str, Any]]:
     rng = np.random.default_rng([seed, family])
     names = list(COLOURS)
     c1, c2 = (str(c) for c in rng.choice(names, size=2, replace=False))
@@ -111,7 +172,7 @@ def family_spec(family: int, seed: int) -> list[dict[str, Any]]:
 
 def caption(clip: dict[str, Any]) -> str:
     (e1, e2), bg = clip["events"], clip["background"]
-    return TEMPLATES[clip["template"]].format(
+    return (TEMPLATES + HELD_OUT_TEMPLATES)[clip["template"]].format(
         c1=e1["colour"], s1=e1["shape"], d1=e1["direction"],
         c2=e2["colour"], s2=e2["shape"], d2=e2["direction"], bg=bg,
     )  # fmt: skip
@@ -143,37 +204,75 @@ def _mask(shape: str, side: int) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-def render_event(event: dict[str, str], background: np.ndarray, frames: int) -> list[np.ndarray]:
-    """One object crossing the frame in a straight line; left/up are exactly right/down reversed."""
-    size = background.shape[0]
+def _event_positions(event: dict[str, str], size: int, frames: int) -> list[tuple[int, int]]:
+    """Top-left corners of one object crossing the frame in a straight line; left/up reverse right/down."""
     side = max(8, round(OBJECT_FRACTION * size))
-    mask = _mask(event["shape"], side)
-    colour = np.array(COLOURS[event["colour"]], np.uint8)
     lo, hi, mid = size // 16, size - side - size // 16, (size - side) // 2
     out = []
     for k in range(frames):
         pos = round(lo + (hi - lo) * k / max(1, frames - 1))
-        x, y = (pos, mid) if event["direction"] in ("left", "right") else (mid, pos)
-        image = background.copy()
-        image[y : y + side, x : x + side][mask] = colour
-        out.append(image)
+        out.append((pos, mid) if event["direction"] in ("left", "right") else (mid, pos))
     return out[::-1] if event["direction"] in ("left", "up") else out
 
 
+def _draw(image: np.ndarray, event: dict[str, str], corner: tuple[int, int]) -> None:
+    side = max(8, round(OBJECT_FRACTION * image.shape[0]))
+    x, y = corner
+    image[y : y + side, x : x + side][_mask(event["shape"], side)] = np.array(
+        COLOURS[event["colour"]], np.uint8
+    )
+
+
+def render_event(event: dict[str, str], background: np.ndarray, frames: int) -> list[np.ndarray]:
+    """One object crossing the frame in a straight line; left/up are exactly right/down reversed."""
+    out = []
+    for corner in _event_positions(event, background.shape[0], frames):
+        image = background.copy()
+        _draw(image, event, corner)
+        out.append(image)
+    return out
+
+
 def render_clip(clip: dict[str, Any], size: int, frames: int) -> list[np.ndarray]:
+    """The clip's frames; its "timing" (TIMINGS, default sequential) says when each event happens."""
     background = _background(clip["background"], size)
+    timing = clip.get("timing") or "sequential"
+    first, second = clip["events"]
     half = frames // 2
-    return [f for event in clip["events"] for f in render_event(event, background, half)]
+    if timing == "sequential":
+        return [f for event in clip["events"] for f in render_event(event, background, half)]
+    if timing == "overlap":
+        spans = [(0, round(2 * frames / 3)), (round(frames / 3), frames)]
+    elif timing == "stay":
+        spans = [(0, half), (half, frames)]
+    else:
+        raise ValueError(f"unknown timing {timing!r}; expected one of {TIMINGS}")
+    paths = [_event_positions(e, size, b - a) for e, (a, b) in zip((first, second), spans, strict=True)]
+    out = []
+    for f in range(frames):
+        image = background.copy()
+        for n, (event, (a, b)) in enumerate(zip((first, second), spans, strict=True)):
+            if a <= f < b:
+                _draw(image, event, paths[n][f - a])
+            elif f >= b and n == 0 and timing == "stay":
+                _draw(image, event, paths[n][-1])  # the first object stays where it stopped
+        out.append(image)
+    return out
 
 
-def _write_family(job: tuple[int, int, Path, int, int, float]) -> list[dict[str, Any]]:
-    family, seed, out_dir, size, fps, seconds = job
-    frames = check_timing(fps, seconds)
+def _write_family(
+    job: tuple[int, int, Path, int, int, float, GeneratorVariant, bool],
+) -> list[dict[str, Any]]:
+    family, seed, out_dir, size, fps, seconds, variant, held_out = job
     lines = []
-    for k, clip in enumerate(family_spec(family, seed)):
-        rel = f"clips/f{family:05d}_s{k}.mp4"
+    for clip in family_spec(family, seed, variant, held_out):
+        frames = check_timing(fps, clip["seconds"] or seconds)
+        sibling = KINDS.index(clip["kind"])  # the file name keeps the kind's number: f00012_s3 is motion
+        rel = f"clips/f{family:05d}_s{sibling}.mp4"
         encode_frames(out_dir / rel, render_clip(clip, size, frames), fps)
         attrs = {key: clip[key] for key in ("events", "background", "template", "changed_event")}
+        if variant != GeneratorVariant():
+            attrs.update(timing=clip["timing"], seconds=clip["seconds"] or seconds)
         lines.append(
             {"video": rel, "caption": caption(clip), "family": family, "kind": clip["kind"], "attrs": attrs}
         )
@@ -201,16 +300,19 @@ def generate_library(
     seconds: float = 3.0,
     workers: int = 2,
     progress: Callable[[int, int], None] | None = None,
+    variant: GeneratorVariant | None = None,
 ) -> LibrarySummary:
     """Write out_dir/clips/*.mp4, manifest.jsonl (all), train.jsonl and test.jsonl (split by family)."""
     if families < 1 or size < 16 or size % 2:
         raise ValueError(f"need families >= 1 and an even size >= 16, got {families} and {size}")
-    check_timing(fps, seconds)
+    variant = variant or GeneratorVariant()
+    for length in variant.lengths or (seconds,):
+        check_timing(fps, length)
     test_ids = split_families(families, seed, holdout)
     out = Path(out_dir)
     (out / "clips").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    jobs = [(f, seed, out, size, fps, seconds) for f in range(families)]
+    jobs = [(f, seed, out, size, fps, seconds, variant, f in test_ids) for f in range(families)]
     results: list[list[dict[str, Any]]] = []
     if workers <= 1:
         for job in jobs:
@@ -225,15 +327,17 @@ def generate_library(
                 if progress:
                     progress(len(results), families)
     paths = {name: out / f"{name}.jsonl" for name in ("manifest", "train", "test")}
+    clips = 0
     with paths["manifest"].open("w") as m, paths["train"].open("w") as tr, paths["test"].open("w") as te:
         for lines in results:
+            clips += len(lines)
             for line in lines:
                 text = json.dumps(line) + "\n"
                 m.write(text)
                 (te if line["family"] in test_ids else tr).write(text)
     elapsed = time.perf_counter() - started
     return LibrarySummary(
-        out, paths["manifest"], paths["train"], paths["test"], 6 * families, families,
+        out, paths["manifest"], paths["train"], paths["test"], clips, families,
         families - len(test_ids), len(test_ids), elapsed,
     )  # fmt: skip
 
@@ -248,7 +352,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fps", type=int, default=12)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--workers", type=int, default=2)
+    variants = parser.add_argument_group("variants (for testing on data a model was not tuned on)")
+    variants.add_argument(
+        "--timing", choices=(*TIMINGS, "mixed"), default="sequential", help="when the two events happen"
+    )
+    variants.add_argument(
+        "--lengths", type=float, nargs="+", default=(), help="clip lengths in seconds, drawn per clip"
+    )
+    variants.add_argument(
+        "--family-size", type=int, nargs=2, metavar=("MIN", "MAX"), default=(len(KINDS), len(KINDS)),
+        help=f"clips per family, base included (default: {len(KINDS)}, every kind)",
+    )  # fmt: skip
+    variants.add_argument(
+        "--held-out-wording", action="store_true", help="caption held-out families in other sentence shapes"
+    )
     args = parser.parse_args(argv)
+    variant = GeneratorVariant(
+        args.timing, tuple(args.lengths), tuple(args.family_size), args.held_out_wording
+    )
 
     def report(done: int, total: int) -> None:
         if done == total or done % max(1, total // 20) == 0:
@@ -264,6 +385,7 @@ def main(argv: list[str] | None = None) -> None:
         args.seconds,
         args.workers,
         report,
+        variant,
     )
     print(
         f"synth: wrote {summary.clips} clips ({summary.train_families} train / {summary.test_families} test "
@@ -273,6 +395,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 __all__ = [
+    "GeneratorVariant",
     "LibrarySummary",
     "caption",
     "family_spec",

@@ -11,7 +11,11 @@ import numpy as np
 import pytest
 
 from indexer.synth import (
+    COLOURS,
     KINDS,
+    TEMPLATES,
+    TIMINGS,
+    GeneratorVariant,
     check_timing,
     family_spec,
     generate_library,
@@ -161,3 +165,67 @@ def test_pattern_video_has_requested_gop_and_b_frames(tmp_path: Path) -> None:
     assert types.count(1) == 4 and types.count(3) > 40
     with av.open(str(write_pattern_video(tmp_path / "p0.mp4", 1.0, 64, 48, 30, bframes=0))) as container:
         assert 3 not in {int(f.pict_type) for f in container.decode(video=0)}
+
+
+def test_the_default_variant_is_the_project_library() -> None:
+    """Variants draw from their own stream: the default library (and the demo model's data) is unchanged."""
+    clips = family_spec(3, seed=0)
+    assert [c["kind"] for c in clips] == list(KINDS)
+    assert {c["timing"] for c in clips} == {"sequential"} and {c["seconds"] for c in clips} == {None}
+    assert family_spec(3, seed=0, variant=GeneratorVariant()) == clips
+    # A variant changes what it names and keeps every clip's content.
+    wider = family_spec(3, seed=0, variant=GeneratorVariant(timing="overlap", lengths=(5.0,)))
+    assert [(c["events"], c["background"]) for c in wider] == [(c["events"], c["background"]) for c in clips]
+
+
+def test_timings_put_the_events_where_they_say() -> None:
+    clip = {**family_spec(2, seed=4)[0]}
+
+    def shows(frame: np.ndarray, event: int) -> bool:
+        colour = np.array(COLOURS[clip["events"][event]["colour"]], np.uint8)
+        return bool((frame == colour).all(axis=-1).any())
+
+    frames = {t: render_clip({**clip, "timing": t}, 64, FRAMES) for t in TIMINGS}
+    seq, overlap, stay = frames["sequential"], frames["overlap"], frames["stay"]
+    assert shows(seq[0], 0) and not shows(seq[0], 1) and shows(seq[-1], 1) and not shows(seq[-1], 0)
+    assert shows(overlap[FRAMES // 2], 0) and shows(overlap[FRAMES // 2], 1)  # both in the middle third
+    assert not shows(overlap[0], 1) and not shows(overlap[-1], 0)
+    assert shows(stay[-1], 0) and shows(stay[-1], 1)  # the first object stayed in view
+    with pytest.raises(ValueError, match="timing"):
+        render_clip({**clip, "timing": "later"}, 64, FRAMES)
+
+
+def test_a_variant_library_varies_family_size_length_and_held_out_wording(tmp_path: Path) -> None:
+    variant = GeneratorVariant(lengths=(3.0, 5.0), family_size=(4, 5), held_out_wording=True)
+    summary = generate_library(
+        tmp_path, families=6, seed=3, holdout=0.5, size=SIZE, workers=1, variant=variant
+    )
+    lines = _lines(summary.manifest)
+    assert summary.clips == len(lines)
+    sizes = defaultdict(int)
+    for line in lines:
+        sizes[line["family"]] += 1
+    assert set(sizes.values()) <= {4, 5}
+    lengths = {line["attrs"]["seconds"] for line in lines}
+    assert lengths <= {3.0, 5.0} and len(lengths) == 2
+    for line in lines:
+        assert probe(tmp_path / line["video"]).duration_s == pytest.approx(line["attrs"]["seconds"], abs=0.1)
+    held_out = {line["family"] for line in _lines(summary.test)}
+    for line in lines:
+        wording = line["attrs"]["template"] >= len(TEMPLATES)
+        assert wording == (line["family"] in held_out), line  # only the held-out families read differently
+    with pytest.raises(ValueError, match="family_size"):
+        GeneratorVariant(family_size=(1, 6))
+    with pytest.raises(ValueError, match="timing"):
+        GeneratorVariant(timing="soon")
+
+
+def test_cli_makes_a_variant_library(tmp_path: Path) -> None:
+    main(
+        [
+            "--out", str(tmp_path), "--families", "2", "--size", "32", "--workers", "1", "--holdout", "0.5",
+            "--timing", "stay", "--family-size", "4", "4",
+        ]
+    )  # fmt: skip
+    lines = _lines(tmp_path / "manifest.jsonl")
+    assert len(lines) == 8 and {line["attrs"]["timing"] for line in lines} == {"stay"}
