@@ -172,8 +172,9 @@ def prepare(
     database_url: str | None = None,
 ) -> DemoReport:
     """Generate (once), migrate, index (new files only) and write the examples file; safe to re-run."""
-    from indexer.db import make_engine, make_session_factory, upgrade_database
+    from indexer.db import make_engine, make_session_factory
     from indexer.paths import DataDir
+    from indexer.schema import ensure_schema
     from model.checkpoint import load_model
     from model.inference import prepare_for_inference
 
@@ -183,10 +184,10 @@ def prepare(
     generated = ensure_library(library, families, seed)
     clips = read_manifest(library)
     url = database_url or data.database_url
-    upgrade_database(url)  # a no-op when the catalog is current
     model = prepare_for_inference(load_model(model_spec))
     engine = make_engine(url)
     try:
+        ensure_schema(engine, auto_migrate=True)  # the demo is `indexer migrate` too; a no-op when current
         factory = make_session_factory(engine)
         report, reindexed = index_library(factory, data, model, library / "clips")
         ids = title_videos(factory, clips)

@@ -14,9 +14,10 @@ from app.metrics import Metrics
 from app.searcher import Searcher
 from app.settings import Settings
 from app.url_fetch import UrlFetcher
-from indexer.db import check_schema_current, make_engine, make_session_factory
+from indexer.db import make_engine, make_session_factory
 from indexer.live_index import LiveIndex
 from indexer.paths import DataDir
+from indexer.schema import ensure_schema
 from indexer.worker import Worker, register_model
 from model.checkpoint import load_model
 from model.inference import prepare_for_inference
@@ -64,14 +65,15 @@ class Services:
 def open_services(settings: Settings, metrics: Metrics) -> Services:
     """Load everything the routes need; blocking, so the lifespan runs it in a thread.
 
-    Fails with indexer.db.DatabaseNotMigratedError when the schema is not current: the service
-    never migrates; `indexer migrate` does.
+    Creates the catalog schema on an empty database and upgrades an older one on SQLite (after a backup
+    copy) or, with TVS_AUTO_MIGRATE=true, on PostgreSQL; otherwise fails with
+    indexer.db.DatabaseNotMigratedError saying what to run.
     """
     data = DataDir(settings.data_dir).ensure()
     engine = make_engine(settings.database_url or data.database_url)
     opened: list[object] = []
     try:
-        check_schema_current(engine)
+        ensure_schema(engine, auto_migrate=settings.auto_migrate)
         factory = make_session_factory(engine)
         if settings.torch_threads:
             # Several replicas (or other work) on one machine: oversubscribed OpenMP threads spin and stall.

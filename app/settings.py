@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     env: Literal["development", "production"] = "development"
     data_dir: Path = Path("./data")
     database_url: str | None = None  # default: sqlite:///<data_dir>/catalog.db
+    # An older PostgreSQL schema is upgraded at start-up only when this is true (SQLite always is, after
+    # a backup copy); otherwise `indexer migrate` does it, once, as a release step.
+    auto_migrate: bool = False
     model: str = Field(default_factory=default_model)
     device: str | None = None  # None: CUDA when present, else CPU
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

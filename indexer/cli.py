@@ -18,15 +18,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from indexer import catalog
-from indexer.db import (
-    DatabaseNotMigratedError,
-    check_schema_current,
-    make_engine,
-    make_session_factory,
-    session_scope,
-    upgrade_database,
-)
+from indexer.db import DatabaseNotMigratedError, make_engine, make_session_factory, session_scope
 from indexer.paths import DataDir
+from indexer.schema import AUTO_MIGRATE_ENV, auto_migrate_from_env, ensure_schema
 
 if TYPE_CHECKING:  # the pipeline pulls in torch and the decoders: loaded only by commands that index
     from indexer.pipeline import PipelineConfig, TaskResult
@@ -57,8 +51,13 @@ class Env:
     url: str
 
     def sessions(self) -> sessionmaker[Session]:
+        """Sessions on the catalog, whose schema is created (empty database) or upgraded first where allowed."""
+        try:
+            auto_migrate = auto_migrate_from_env()
+        except ValueError as e:
+            raise UsageError(str(e)) from e
         engine = make_engine(self.url)
-        check_schema_current(engine)
+        ensure_schema(engine, auto_migrate=auto_migrate)
         return make_session_factory(engine)
 
     def model(self, spec: str | None = None) -> Any:
@@ -135,7 +134,11 @@ def _failures(failed: dict[str, str]) -> str:
 
 # --- commands ---------------------------------------------------------------------------------------------
 def cmd_migrate(env: Env) -> int:
-    upgrade_database(env.url)
+    engine = make_engine(env.url)
+    try:
+        ensure_schema(engine, auto_migrate=True)
+    finally:
+        engine.dispose()
     url = make_url(env.url).render_as_string(hide_password=True)
     env.emit({"migrated": url}, f"the catalog at {url} is at the newest schema revision")
     return 0
@@ -374,7 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
-    add("migrate", cmd_migrate, "create or upgrade the catalog schema (alembic upgrade head)")
+    p = add("migrate", cmd_migrate, "create or upgrade the catalog schema (alembic upgrade head)")
+    p.description = (
+        "Create or upgrade the catalog schema (alembic upgrade head). The other commands and the service "
+        "do this themselves on an empty database, and on an older SQLite catalog (after a backup copy "
+        f"beside it); an older PostgreSQL schema needs this command, or {AUTO_MIGRATE_ENV}=true."
+    )
     p = add("add", cmd_add, "ingest and index video files, folders or globs (resumable)", [pipe])
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument(

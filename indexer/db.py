@@ -152,16 +152,21 @@ def downgrade_database(url: str, revision: str) -> None:
     command.downgrade(_alembic_config(url), revision)
 
 
-def check_schema_current(engine: Engine) -> None:
-    """Raise DatabaseNotMigratedError unless the database is at the newest migration."""
+def schema_revisions(engine: Engine) -> tuple[set[str], set[str], set[str]]:
+    """The database's current Alembic revisions, the code's heads, and every revision the code knows."""
     from alembic.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
-    url = engine.url.render_as_string(hide_password=True)
-    script = ScriptDirectory.from_config(_alembic_config(url))
-    expected = set(script.get_heads())
+    script = ScriptDirectory.from_config(_alembic_config(engine.url.render_as_string(hide_password=True)))
     with engine.connect() as connection:
         current = set(MigrationContext.configure(connection).get_current_heads())
+    return current, set(script.get_heads()), {rev.revision for rev in script.walk_revisions()}
+
+
+def check_schema_current(engine: Engine) -> None:
+    """Raise DatabaseNotMigratedError unless the database is at the newest migration."""
+    url = engine.url.render_as_string(hide_password=True)
+    current, expected, known = schema_revisions(engine)
     if current == expected:
         return
     if not current:
@@ -169,7 +174,6 @@ def check_schema_current(engine: Engine) -> None:
             f"the database {url} has no catalog schema; create it with `indexer migrate` "
             "(or `alembic upgrade head`) before starting the service or a worker"
         )
-    known = {rev.revision for rev in script.walk_revisions()}
     if current - known:
         raise DatabaseNotMigratedError(
             f"the database {url} is at revision {sorted(current)}, which this version of the code does not "

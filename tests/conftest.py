@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,3 +33,51 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("sqlite_template") / "catalog.db"
     upgrade_database(f"sqlite:///{path}")
     return path
+
+
+NEXT_REVISION = '''"""Test only: a release after this one, whose migration adds a table.
+
+Revision ID: {revision}
+Revises: {down}
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "{revision}"
+down_revision = "{down}"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table("upgrade_probe", sa.Column("id", sa.Integer(), primary_key=True))
+
+
+def downgrade() -> None:
+    op.drop_table("upgrade_probe")
+'''
+
+
+@pytest.fixture
+def newer_release(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> tuple[str, str]:
+    """The code as a release with one more migration than this one: `(old head, new head)`.
+
+    A catalog at today's head is then an older schema, which is what a user has after upgrading the code.
+    """
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    import indexer.db
+
+    config = Config()
+    config.set_main_option("script_location", str(indexer.db.MIGRATIONS_DIR))
+    (head,) = ScriptDirectory.from_config(config).get_heads()
+    new = f"{head}_next"
+    copy = tmp_path_factory.mktemp("release") / "migrations"
+    shutil.copytree(indexer.db.MIGRATIONS_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "versions" / f"{new}.py").write_text(NEXT_REVISION.format(revision=new, down=head))
+    monkeypatch.setattr(indexer.db, "MIGRATIONS_DIR", copy)
+    return head, new

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from postgres_admin import create_postgres_database, drop_postgres_database
 from pydantic import ValidationError
 
 from app.main import create_app
 from app.settings import Settings
-from indexer.db import DatabaseNotMigratedError
+from indexer.db import DatabaseNotMigratedError, make_engine, upgrade_database
 
 KEY = "k" * 24
 
@@ -134,13 +135,44 @@ def test_demo_page_is_served_with_a_strict_policy_and_no_inline_script():
     assert "content-security-policy" not in client.get("/openapi.json").headers
 
 
-def test_start_up_refuses_an_unmigrated_database(tmp_path: Path):
+def test_start_up_creates_the_schema_of_an_empty_database(tmp_path: Path):
     settings = Settings(
         data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'empty.db'}", model="tiny"
     )
-    with pytest.raises(DatabaseNotMigratedError, match="indexer migrate"):
-        with TestClient(create_app(settings)):
-            pass
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/health").json()["ready"] is True
+        assert client.post("/search", json={"query": "dog"}).json()["results"] == []
+
+
+@pytest.mark.postgres
+def test_start_up_upgrades_an_older_postgres_schema_only_with_auto_migrate(
+    tmp_path: Path, postgres_available: None, newer_release: tuple[str, str]
+):
+    old, new = newer_release
+    url = create_postgres_database()
+    try:
+        upgrade_database(url, old)  # this release's head: older than the newer release's
+        settings = Settings(data_dir=tmp_path / "data", database_url=url, model="tiny")
+        with pytest.raises(DatabaseNotMigratedError, match="indexer migrate.*TVS_AUTO_MIGRATE=true"):
+            with TestClient(create_app(settings)):
+                pass
+        with TestClient(create_app(settings.model_copy(update={"auto_migrate": True}))) as client:
+            assert client.get("/health").json()["ready"] is True
+        engine = make_engine(url)
+        try:
+            with engine.connect() as connection:
+                revision = connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar_one()
+        finally:
+            engine.dispose()
+        assert revision == new
+    finally:
+        drop_postgres_database(url)
+
+
+def test_auto_migrate_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch):
+    assert Settings().auto_migrate is False
+    monkeypatch.setenv("TVS_AUTO_MIGRATE", "true")
+    assert Settings().auto_migrate is True
 
 
 def test_openapi_documents_every_endpoint():
