@@ -57,11 +57,14 @@ def _readable(error: dict[str, Any]) -> str:
 
 
 def _json_safe(value: Any) -> Any:
-    """The echoed input of a validation error as strict JSON: inf/nan and lone surrogates would fail to encode."""
+    """The echoed input of a validation error as strict JSON: inf/nan, lone surrogates and bytes that are not
+    UTF-8 would fail to encode."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, str):
         return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, bytes):  # the raw body of a JSON document pydantic could not parse (e.g. not UTF-8)
+        return value.decode("utf-8", "backslashreplace")
     if isinstance(value, dict):
         return {_json_safe(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -74,7 +77,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     message = _json_safe("; ".join(_readable(e) for e in errors))
-    body = {"detail": _json_safe(jsonable_encoder(errors)), "message": message}
+    body = {"detail": _json_safe(jsonable_encoder(_json_safe(errors))), "message": message}
     return JSONResponse(body, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 

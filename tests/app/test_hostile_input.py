@@ -287,3 +287,13 @@ def test_a_lone_surrogate_in_an_ingest_title_is_422(client) -> None:
     body = '{"path": "/nowhere/a.mp4", "title": "\\udc80"}'
     r = client.post("/videos", content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and "surrogate" in r.json()["message"], r.text
+
+
+@pytest.mark.parametrize(
+    "body", [b'{"path": "/nowhere/\xff\xfe.mp4"}', b'{"url": "https://example.com/\xc3("}', b"\xff"]
+)
+def test_an_ingest_body_that_is_not_utf8_is_422_saying_where(client, body) -> None:
+    r = client.post("/videos", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["message"].startswith("Invalid JSON:") and "line 1 column" in r.json()["message"]
+    assert "\\xff" in r.text or "\\xc3" in r.text, "the bytes are echoed escaped, not dropped"
