@@ -164,14 +164,14 @@ def main(argv: list[str] | None = None) -> int:
         "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="default: all"
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="library and training seeds")
-    p.add_argument("--families", type=int, default=200, help="families per library (80%% trained on)")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--families", type=int, default=160, help="families per library (80%% trained on)")
+    p.add_argument("--epochs", type=int, default=18)
     p.add_argument("--batch-size", type=int, default=64, help="the demo recipe's 64")
     p.add_argument("--focus-head", choices=("candidate", "slot"), help="default: the preset's (candidate)")
     p.add_argument(
-        "--jobs", type=int, default=1, help="runs at once (on 2 cores, 2 runs of 1 thread beat 1 run of 2)"
+        "--jobs", type=int, default=1, help="runs at once (on 2 vCPUs one run of 2 threads trains faster)"
     )
-    p.add_argument("--threads", type=int, help="torch threads per run (default: torch's; 1 with --jobs 2)")
+    p.add_argument("--threads", type=int, help="torch threads per run (default: torch's; 1 with --jobs > 1)")
     args = p.parse_args(argv)
     if args.jobs > 1 and args.threads is None:
         args.threads = 1
