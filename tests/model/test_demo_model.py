@@ -20,7 +20,7 @@ def test_demo_model_is_a_small_checkpoint_under_20_mb():
     total = sum(p.stat().st_size for p in DEMO.iterdir() if p.is_file())
     assert total <= MAX_BYTES, f"assets/demo-model is {total / 1e6:.1f} MB"
     model = load_model(str(DEMO))
-    assert model.config.preset == "small"
+    assert model.config.preset == "small" and model.config.focus_head == "candidate"
     assert model.model_id.startswith("small-")
 
 
@@ -32,8 +32,13 @@ def test_demo_model_ships_its_evaluation_and_the_command_that_made_it():
         # The focused view only reorders the top 10.
         assert metrics[direction]["two_stage"]["R@10"] == metrics[direction]["broad"]["R@10"]
     assert metrics["n_queries"] >= 400
-    # The released model's focused view earns its place: at least 5 points of held-out t2v R@1 over broad.
-    assert metrics["t2v"]["two_stage"]["R@1"] >= metrics["t2v"]["broad"]["R@1"] + 5
+    # The released model's focused view earns its place in both directions (at least 15 points of held-out
+    # R@1 over broad), reading its candidates rather than expressing a prior over broad ranks.
+    for direction in ("t2v", "v2t"):
+        assert metrics[direction]["two_stage"]["R@1"] >= metrics[direction]["broad"]["R@1"] + 15
+        spread = metrics[direction]["delta_by_slot"]
+        assert spread["verdict"] == "content", spread
+        assert spread["within"] > spread["between"], spread
     recipe = (DEMO / "TRAINING.md").read_text()
     assert "python -m model.train" in recipe and "python -m indexer.synth" in recipe
 
@@ -55,5 +60,8 @@ def test_demo_model_ranks_unseen_generated_clips_far_above_chance(tmp_path):
     broad = metrics["t2v"]["broad"]
     assert broad["R@1"] >= 5 * chance_r1, broad
     assert broad["R@10"] >= 80.0, broad
-    # Re-ranking the top 10 together fixes what a temporal mean cannot see (motion, order) on new clips too.
+    # Re-ranking the top 10 together fixes what a temporal mean cannot see (motion, order) on new clips too,
+    # from what it reads in the candidates: its corrections are no function of the broad-view slot.
     assert metrics["t2v"]["two_stage"]["R@1"] >= broad["R@1"] + 5, metrics["t2v"]
+    for direction in ("t2v", "v2t"):
+        assert metrics[direction]["delta_by_slot"]["verdict"] == "content", metrics[direction]
