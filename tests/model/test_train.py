@@ -172,9 +172,8 @@ def test_cli_needs_a_model_and_explains_options(tmp_path, capsys):
     assert "--lr-backbone" in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_fine_tuning_a_pretrained_vit_b32_trains_the_candidate_view(tmp_path, one_thread):
-    """--init ViT-B-32:/local/weights (random weights standing in for openai's) fine-tunes with the new view."""
+def _fine_tune_vit_b32(tmp_path):
+    """--init ViT-B-32:/local/weights (random weights standing in for openai's): two steps, the new view."""
     import open_clip
 
     from indexer.synth import generate_library
@@ -190,13 +189,28 @@ def test_fine_tuning_a_pretrained_vit_b32_trains_the_candidate_view(tmp_path, on
     assert main(args) == 0
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 2 and summary["preset"] == "ViT-B-32"
-    assert all(np.isfinite(r["focus_t2v"]) for r in summary["history"])
+    assert all(np.isfinite(r["focus_t2v"]) and np.isfinite(r["loss"]) for r in summary["history"])
     tuned = load_model(str(out / "model"))
     assert tuned.config.focus_head == "candidate" and tuned.config.pretrained == str(weights)
     # The zero-initialised last layer has moved: the focused view trained.
     assert tuned.focus_t2v.head[-1].weight.abs().sum() > 0
+    assert tuned.focus_v2t.head[-1].weight.abs().sum() > 0
+    return args, out, summary
+
+
+@pytest.mark.slow
+def test_fine_tuning_a_pretrained_vit_b32_trains_the_candidate_view(tmp_path, one_thread):
+    args, out, _ = _fine_tune_vit_b32(tmp_path)
     with pytest.raises(SystemExit, match="checkpoint keeps"):
         main([*args[:2], "--init", str(out / "model"), "--focus-head", "slot", "--out", str(tmp_path / "b")])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fine_tuning_a_pretrained_vit_b32_on_cuda_with_mixed_precision(tmp_path):
+    """On a GPU the same fine-tuning runs on CUDA under autocast (bf16, or fp16 with a gradient scaler)."""
+    _, _, summary = _fine_tune_vit_b32(tmp_path)
+    assert summary["device"].startswith("cuda")
 
 
 def test_focus_head_option_builds_the_slot_head_for_comparison(tmp_path):
