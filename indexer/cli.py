@@ -458,20 +458,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--index-nprobe",
         type=int,
         default=_env_int("TVS_INDEX_NPROBE"),
-        help="IVF lists scanned per search, saved with the snapshot (env TVS_INDEX_NPROBE); IVF factories only",
+        help="IVF lists scanned per search, saved with the snapshot (env TVS_INDEX_NPROBE; default: the "
+        "snapshot's when the factory stays, else 1); IVF factories only",
     )
     p.add_argument(
         "--index-ef-search",
         type=int,
         default=_env_int("TVS_INDEX_EF_SEARCH"),
-        help="HNSW candidate pool, saved with the snapshot (env TVS_INDEX_EF_SEARCH); HNSW factories only",
+        help="HNSW candidate pool, saved with the snapshot (env TVS_INDEX_EF_SEARCH; default: the snapshot's "
+        "when the factory stays, else 16); HNSW factories only",
     )
     p.add_argument(
         "--index-rerank",
         type=int,
         default=_env_int("TVS_INDEX_RERANK"),
         help="approximate candidates re-scored exactly from the stored CLS vectors per search, saved with "
-        "the snapshot (env TVS_INDEX_RERANK; default 0 for Flat, else 40)",
+        "the snapshot (env TVS_INDEX_RERANK; default: the snapshot's when the factory stays, else 0 for Flat "
+        "and 40 for the others)",
     )
     p = add(
         "verify",

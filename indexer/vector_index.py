@@ -105,6 +105,15 @@ def _can_remove(index: faiss.Index) -> bool:
     return True
 
 
+def _ivf(index: faiss.Index) -> Any:
+    """The IVF part of a CPU index, or a GPU IVF clone (which has nprobe too); None for other types."""
+    ivf: Any = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        inner = faiss.downcast_index(index)
+        ivf = inner if type(inner).__name__.startswith("GpuIndexIVF") else None
+    return ivf
+
+
 def _top_hnsw(index: faiss.Index) -> Any:
     inner = faiss.downcast_index(index)
     if isinstance(inner, faiss.IndexPreTransform):
@@ -169,12 +178,12 @@ class VectorIndex:
                 self._threads = threads
             base = self._index.index
             if nprobe is not None:
-                ivf = faiss.try_extract_index_ivf(base)
+                ivf = _ivf(base)
                 if ivf is None or nprobe < 1:
                     raise ValueError(
                         f"nprobe={nprobe} needs an IVF factory and a value >= 1 ({self.factory!r})"
                     )
-                ivf.nprobe = min(nprobe, ivf.nlist)
+                ivf.nprobe = min(nprobe, getattr(ivf, "nlist", nprobe))
             if ef_search is not None:
                 hnsw = _top_hnsw(base)
                 if hnsw is None or ef_search < 1:
@@ -185,7 +194,7 @@ class VectorIndex:
             self._refresh_params()
 
     def search_params(self) -> dict[str, int | None]:
-        ivf = faiss.try_extract_index_ivf(self._index.index)
+        ivf = _ivf(self._index.index)
         hnsw = _top_hnsw(self._index.index)
         return {"nprobe": ivf.nprobe if ivf else None, "ef_search": hnsw.hnsw.efSearch if hnsw else None}
 
