@@ -247,3 +247,48 @@ def test_an_index_device_faiss_cannot_use_fails_and_auto_says_why_it_is_on_the_c
             assert live.size == 1
     lines = [r.getMessage() for r in caplog.records if "FAISS index is on the CPU" in r.getMessage()]
     assert len(lines) == 1 and "index device auto: faiss has no GPU support" in lines[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("factory", "knobs"), [("Flat", {}), ("IVF64,SQ8", {"nprobe": 64, "rerank": 100})])
+def test_a_gpu_index_finds_the_cpu_top10_and_its_snapshot_loads_on_the_cpu(
+    synthetic_library, factory: str, knobs: dict
+) -> None:
+    root, url, vecs = synthetic_library
+    queries = vecs[:20] + 0.3 * np.random.default_rng(2).standard_normal((20, 32)).astype(np.float32)
+    cpu, close = _open_synthetic(root, url, "Flat")
+    try:
+        want_s, want = _top10(cpu, queries)
+    finally:
+        close()
+    gpu, close = _open_synthetic(root, url, factory, device="cuda", **knobs)
+    try:
+        assert gpu.device == "cuda:0" and gpu.device_reason == ""
+        scores, got = _top10(gpu, queries)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(scores, want_s, atol=2e-3)
+        gpu.snapshot()
+    finally:
+        close()
+    again, close = _open_synthetic(root, url, factory, **knobs)  # device "cpu"
+    try:
+        assert again.device == "cpu" and again.factory == factory and again.size == len(vecs)
+        np.testing.assert_array_equal(_top10(again, queries)[1], want)
+    finally:
+        close()
+
+
+@pytest.mark.gpu
+def test_adds_and_deletes_reach_a_gpu_index(env, model: TokenBinder) -> None:
+    data, factory, index_one = env
+    first = index_one()
+    with _live(data, factory, model, device="cuda") as live:
+        assert live.device == "cuda:0"
+        second = index_one()
+        assert _wait(lambda: live.size == 2, 5)
+        delete_video(factory, data, first)
+        assert _wait(lambda: live.size == 1, 5)
+        gone = set(_segment_ids(factory, model.model_id, first))
+        kept = _segment_ids(factory, model.model_id, second)
+        _, ids = live.search(np.ones((1, D), np.float32), 5)
+        assert set(ids[0][ids[0] >= 0]) == set(kept) and not gone & set(ids[0])
