@@ -1,4 +1,4 @@
-"""Prometheus metrics: request latency, search latency per stage, index size and jobs by state."""
+"""Prometheus metrics: request latency, search latency per stage, index size and place, jobs by state."""
 
 from __future__ import annotations
 
@@ -43,6 +43,12 @@ class Metrics:
         self.index_size = Gauge(
             "tvs_index_size", "Segments in this process's vector index", registry=self.registry
         )
+        self.index_info = Gauge(
+            "tvs_index_info",
+            "1 for the vector index's device (cpu, cuda:N) and FAISS factory",
+            ["device", "factory"],
+            registry=self.registry,
+        )
         self.jobs = Gauge("tvs_jobs", "Ingestion jobs by state", ["state"], registry=self.registry)
         self.uploads = Counter(
             "tvs_ingest_requests",
@@ -54,8 +60,14 @@ class Metrics:
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.search_stage.labels(stage=stage).observe(seconds)
 
-    def render(self, index_size: int, jobs_by_state: dict[str, int]) -> bytes:
+    def render(
+        self, index_size: int, jobs_by_state: dict[str, int], index_info: tuple[str, str] | None = None
+    ) -> bytes:
+        """`index_info`: (device, factory) of the index, None before it is open."""
         self.index_size.set(index_size)
+        self.index_info.clear()  # one series: the index moves (a rebuild) or falls back, the old label goes
+        if index_info is not None:
+            self.index_info.labels(device=index_info[0], factory=index_info[1]).set(1)
         for state, n in jobs_by_state.items():
             self.jobs.labels(state=state).set(n)
         return generate_latest(self.registry)

@@ -201,7 +201,14 @@ class HealthModel(BaseModel):
 
 class HealthIndex(BaseModel):
     size: int
-    type: str
+    type: str = Field(
+        description="the FAISS factory in use (Flat while a library is too small to train another)"
+    )
+    device: str = Field(description='where the index lives: "cpu" or "cuda:N" (TVS_INDEX_DEVICE)')
+    device_reason: str | None = Field(description="why the index is on the CPU; null on a GPU")
+    nprobe: int | None = Field(description="IVF lists scanned per search; null for other index types")
+    ef_search: int | None = Field(description="HNSW candidate pool; null for other index types")
+    rerank: int = Field(description="approximate candidates re-scored exactly per search; 0: off")
 
 
 class HealthResponse(BaseModel):

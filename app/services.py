@@ -89,6 +89,10 @@ def open_services(settings: Settings, metrics: Metrics) -> Services:
             cfg.num_frames,
             factory=settings.index_factory,
             follow_interval_s=settings.follow_interval_s,
+            nprobe=settings.index_nprobe,
+            ef_search=settings.index_ef_search,
+            rerank=settings.index_rerank,
+            device=settings.index_device,
         ).open()
         opened.append(index)
         worker = None
@@ -125,12 +129,13 @@ def open_services(settings: Settings, metrics: Metrics) -> Services:
         settings, engine, factory, data, model, index, searcher, ingestor, fetcher, worker, index.last_seq
     )
     logger.info(
-        "ready: model %s on %s (%s), %d segments indexed (%s), worker %s",
+        "ready: model %s on %s (%s), %d segments indexed (%s on %s), worker %s",
         model.model_id,
         services.device,
         services.precision,
         index.size,
         index.factory,
+        index.device,
         "on" if worker else "off",
     )
     return services

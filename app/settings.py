@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     url_max_duration_s: float = Field(default=900.0, gt=0)
     url_max_redirects: int = Field(default=5, ge=0)
     index_factory: str = "Flat"
+    # Where the FAISS index lives: auto (a GPU when faiss has GPU support and sees one), cpu, cuda, cuda:N.
+    index_device: str = "auto"
+    index_nprobe: int | None = Field(default=None, ge=1)  # IVF lists scanned; None: the snapshot's, else 1
+    index_ef_search: int | None = Field(default=None, ge=1)  # HNSW candidate pool; None: snapshot's, else 16
+    # Approximate candidates re-scored exactly from the stored CLS vectors; None: 0 for Flat, else 40.
+    index_rerank: int | None = Field(default=None, ge=0)
     top_k: int | None = Field(default=None, ge=1)  # None: the model's own k
     # 1 turns micro-batching off. 8 rather than larger: with many clients two batches overlap (one encodes
     # while the next one's requests arrive), which bench/search.py measured faster on a 2-core CPU than
@@ -70,6 +76,16 @@ class Settings(BaseSettings):
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
+
+    @field_validator("index_device")
+    @classmethod
+    def _index_device(cls, value: str) -> str:
+        from indexer.index_device import IndexDeviceError, check_index_device
+
+        try:
+            return check_index_device(value)
+        except IndexDeviceError as e:
+            raise ValueError(f"TVS_INDEX_DEVICE: {e}") from e
 
     @field_validator("api_key", mode="before")
     @classmethod

@@ -38,8 +38,22 @@ def health(services: Services | None, settings: Settings) -> HealthResponse:
             num_frames=cfg.num_frames,
             dim=cfg.embed_dim,
         ),
-        index=HealthIndex(size=services.index.size, type=services.index.factory),
+        index=index_health(services),
         **common,
+    )
+
+
+def index_health(services: Services) -> HealthIndex:
+    index = services.index
+    knobs = index.search_settings()
+    return HealthIndex(
+        size=index.size,
+        type=index.factory,
+        device=index.device,
+        device_reason=(index.device_reason or None) if index.device == "cpu" else None,
+        nprobe=knobs["nprobe"],
+        ef_search=knobs["ef_search"],
+        rerank=index.rerank,
     )
 
 

@@ -230,25 +230,47 @@ def cmd_reindex(env: Env) -> int:
 
 
 def cmd_rebuild_index(env: Env) -> int:
+    from indexer.index_device import resolve_index_device
     from indexer.live_index import save_snapshot
 
+    a = env.args
+    resolve_index_device(a.index_device)  # an unusable GPU fails before any work
     factory = env.sessions()
-    manifest = save_snapshot(env.data, factory, env.model_id(factory), rebuild=True, factory=env.args.factory)
+    manifest = save_snapshot(
+        env.data,
+        factory,
+        env.model_id(factory),
+        rebuild=True,
+        factory=a.factory,
+        nprobe=a.index_nprobe,
+        ef_search=a.index_ef_search,
+        rerank=a.index_rerank,
+        device=a.index_device,
+    )
+    knobs = ", ".join(
+        f"{k} {manifest[k]}" for k in ("nprobe", "ef_search", "rerank") if manifest.get(k) is not None
+    )
     env.emit(
-        manifest, f"rebuilt {manifest['model_id']}: {manifest['count']} segments ({manifest['factory']})"
+        manifest,
+        f"rebuilt {manifest['model_id']}: {manifest['count']} segments ({manifest['factory']}"
+        + (f"; {knobs}" if knobs else "")
+        + ")",
     )
     return 0
 
 
 def cmd_verify(env: Env) -> int:
+    from indexer.index_device import resolve_index_device
     from indexer.verify import verify
 
+    a = env.args
+    resolve_index_device(a.index_device)  # an unusable GPU fails before any work
     factory = env.sessions()
     model_id = env.model_id(factory)
-    report = verify(env.data, factory, model_id, repair=env.args.repair)
-    if env.args.repair and report.requeued_jobs:
+    report = verify(env.data, factory, model_id, repair=a.repair, index_device=a.index_device)
+    if a.repair and report.requeued_jobs:
         _run_jobs(env, factory, report.requeued_jobs)
-        report = verify(env.data, factory, model_id, repair=True)
+        report = verify(env.data, factory, model_id, repair=True, index_device=a.index_device)
     env.emit(report.to_dict(), _verify_text(report))
     return 0 if report.ok else 1
 
@@ -417,11 +439,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--encoders", type=int, default=None, help="Ray encoder actors (default: one per GPU, else one)"
     )
-    p = add("rebuild-index", cmd_rebuild_index, "rebuild the FAISS snapshot from the token store")
-    p.add_argument(
-        "--factory", default=None, help="FAISS factory string (default: keep the current one, or Flat)"
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument(
+        "--index-device",
+        type=_index_device,
+        default=os.environ.get("TVS_INDEX_DEVICE", "auto"),
+        help="where to build the FAISS index: auto (a GPU when faiss has GPU support and sees one), cpu, "
+        "cuda, cuda:N (env TVS_INDEX_DEVICE; default auto); the snapshot is saved from a CPU copy",
     )
-    p = add("verify", cmd_verify, "check that catalog, token store and index agree (exit 1 if not)", [pipe])
+    p = add("rebuild-index", cmd_rebuild_index, "rebuild the FAISS snapshot from the token store", [device])
+    p.add_argument(
+        "--factory",
+        "--index-factory",
+        default=None,
+        help="FAISS factory string, e.g. Flat, HNSW32, IVF1024,SQ8 (default: keep the current one, or Flat)",
+    )
+    p.add_argument(
+        "--index-nprobe",
+        type=int,
+        default=_env_int("TVS_INDEX_NPROBE"),
+        help="IVF lists scanned per search, saved with the snapshot (env TVS_INDEX_NPROBE; default: the "
+        "snapshot's when the factory stays, else 1); IVF factories only",
+    )
+    p.add_argument(
+        "--index-ef-search",
+        type=int,
+        default=_env_int("TVS_INDEX_EF_SEARCH"),
+        help="HNSW candidate pool, saved with the snapshot (env TVS_INDEX_EF_SEARCH; default: the snapshot's "
+        "when the factory stays, else 16); HNSW factories only",
+    )
+    p.add_argument(
+        "--index-rerank",
+        type=int,
+        default=_env_int("TVS_INDEX_RERANK"),
+        help="approximate candidates re-scored exactly from the stored CLS vectors per search, saved with "
+        "the snapshot (env TVS_INDEX_RERANK; default: the snapshot's when the factory stays, else 0 for Flat "
+        "and 40 for the others)",
+    )
+    p = add(
+        "verify",
+        cmd_verify,
+        "check that catalog, token store and index agree (exit 1 if not)",
+        [pipe, device],
+    )
     p.add_argument(
         "--repair",
         action="store_true",
@@ -440,6 +500,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--workers", type=int, default=2)
     return parser
+
+
+def _index_device(value: str) -> str:
+    from indexer.index_device import IndexDeviceError, check_index_device
+
+    try:
+        return check_index_device(value)
+    except IndexDeviceError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"indexer: {name}={value!r} is not an integer") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -463,8 +542,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _expected_errors() -> tuple[type[Exception], ...]:
     """Errors that describe a setup or input problem: shown as a message, not a traceback."""
+    from indexer.index_device import IndexDeviceError
     from indexer.ingest import IngestError
-    from indexer.live_index import IndexMismatchError
+    from indexer.live_index import IndexConfigError, IndexMismatchError
     from indexer.ray_engine import RayUnavailableError
     from indexer.token_store import StoreLayoutError
     from indexer.verify import UnknownModelError
@@ -477,6 +557,8 @@ def _expected_errors() -> tuple[type[Exception], ...]:
         FileNotFoundError,
         IngestError,
         IndexMismatchError,
+        IndexConfigError,
+        IndexDeviceError,
         StoreLayoutError,
         RayUnavailableError,
         UnknownModelError,

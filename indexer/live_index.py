@@ -8,12 +8,14 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import faiss
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from indexer import catalog
 from indexer.changes import ChangeFollower, latest_seq
 from indexer.db import session_scope
+from indexer.index_device import resolve_index_device
 from indexer.paths import DataDir
 from indexer.token_store import TokenStore
 from indexer.vector_index import (
@@ -30,10 +32,17 @@ logger = logging.getLogger(__name__)
 
 _READ_CHUNK = 4096
 _CATCH_UP_ROUNDS = 1000  # polls of up to 1000 changes each before serving; the thread does the rest
+# Candidates an approximate index returns for exact re-scoring from the stored CLS vectors when `rerank`
+# is not set: docs/deploy.md section 4 measured R@10 0.97-1.00 with 40 on compressed indexes.
+DEFAULT_RERANK = 40
 
 
 class IndexMismatchError(RuntimeError):
     """The loaded model is not the one the catalog's index belongs to."""
+
+
+class IndexConfigError(ValueError):
+    """The index settings do not fit together (a knob for another index type, a malformed factory)."""
 
 
 def read_cls(store: TokenStore, ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -90,10 +99,24 @@ class LiveIndex:
         num_frames: int,
         factory: str = "Flat",
         follow_interval_s: float = 0.25,
+        *,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        rerank: int | None = None,
+        device: str = "cpu",
     ) -> None:
         self.data, self._factory, self.model_id = data, session_factory, model_id
         self.dim, self.num_frames, self._wanted_factory = dim, num_frames, factory
         self.follow_interval_s = follow_interval_s
+        try:  # a knob for another index type fails here, at start-up, not at the first search
+            VectorIndex(dim, factory, nprobe=nprobe, ef_search=ef_search)
+        except ValueError as e:
+            raise IndexConfigError(f"index settings: {e}") from e
+        if rerank is not None and rerank < 0:
+            raise IndexConfigError(f"index settings: rerank must be >= 0 (0: off), got {rerank}")
+        self._nprobe, self._ef_search, self._rerank = nprobe, ef_search, rerank
+        self.placement = resolve_index_device(device)  # IndexDeviceError for an unusable GPU
+        self.device_reason = self.placement.reason  # why the index is on the CPU ("" on a GPU)
         self.path = data.index_path(model_id)
         self._index = VectorIndex(dim, "Flat")
         self._store: TokenStore | None = None
@@ -124,7 +147,16 @@ class LiveIndex:
             self._rebuild()
         self._following = follow
         self._follow()
-        logger.info("index for %s open: %d segments (%s)", self.model_id, self.size, self.factory)
+        if self.placement.gpu is None:
+            logger.info("the FAISS index is on the CPU: %s", self.placement.reason)
+        logger.info(
+            "index for %s open: %d segments (%s on %s, %s)",
+            self.model_id,
+            self.size,
+            self.factory,
+            self.device,
+            self.search_settings(),
+        )
         return self
 
     def _follow(self) -> None:
@@ -189,7 +221,9 @@ class LiveIndex:
                 (self.model_id, self.dim, self._wanted_factory),
             )
             return False
-        self._index, self._start_seq = index, int(manifest["last_seq"])
+        if self._rerank is None and manifest.get("rerank") is not None:
+            self._rerank = int(manifest["rerank"])  # as `indexer rebuild-index --index-rerank` left it
+        self._index, self._start_seq = self._place(index), int(manifest["last_seq"])
         return True
 
     def rebuild(self) -> None:
@@ -220,14 +254,26 @@ class LiveIndex:
     def _build(self, ids: np.ndarray, vecs: np.ndarray) -> VectorIndex:
         if not len(ids):
             try:
-                return VectorIndex(self.dim, self._wanted_factory)
+                return self._place(VectorIndex(self.dim, self._wanted_factory))
             except ValueError:
-                return VectorIndex(self.dim, "Flat")
+                return self._place(VectorIndex(self.dim, "Flat"))
         try:
-            return build_index(self.dim, self._wanted_factory, ids, vecs)
+            return self._place(build_index(self.dim, self._wanted_factory, ids, vecs))
         except TrainingError as e:
             logger.warning("%s; using an exact Flat index until the library is larger", e)
-            return build_index(self.dim, "Flat", ids, vecs)
+            return self._place(build_index(self.dim, "Flat", ids, vecs))
+
+    def _place(self, index: VectorIndex) -> VectorIndex:
+        """Apply the search knobs (to the factory they were given for) and move the index to its device."""
+        if index.factory == self._wanted_factory:
+            index.set_search_params(nprobe=self._nprobe, ef_search=self._ef_search)
+        gpu = self.placement.gpu
+        if gpu is not None and not index.to_gpu(gpu) and index.cpu_reason != self.device_reason:
+            self.device_reason = index.cpu_reason
+            logger.warning("the FAISS index stays on the CPU: %s", index.cpu_reason)
+        elif index.device != "cpu":
+            self.device_reason = ""
+        return index
 
     # --- following ----------------------------------------------------------------------------------
     def _apply_add(self, ids: list[int]) -> None:
@@ -283,9 +329,52 @@ class LiveIndex:
     def ids(self) -> np.ndarray:
         return self._index.ids()
 
+    @property
+    def device(self) -> str:
+        """Where the FAISS index lives: "cpu" or "cuda:N"."""
+        return self._index.device
+
+    @property
+    def rerank(self) -> int:
+        """Approximate candidates re-scored exactly per search: the setting, else 0 for an exact Flat index
+        and DEFAULT_RERANK for any other."""
+        if self._rerank is not None:
+            return self._rerank
+        return 0 if self._index.factory == "Flat" else DEFAULT_RERANK
+
+    def search_settings(self) -> dict[str, int | None]:
+        """The knobs in force: nprobe (IVF), ef_search (HNSW), rerank."""
+        return {**self._index.search_params(), "rerank": self.rerank}
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores [B, k], segment ids [B, k]) by cosine; empty slots are (-inf, -1)."""
-        return self._index.search(queries, k)
+        """(scores [B, k], segment ids [B, k]) by cosine; empty slots are (-inf, -1).
+
+        With `rerank` > 0 the index returns max(k, rerank) candidates, which are re-scored with their
+        exact CLS vectors from the token store: the result is the exact top-k of that pool.
+        """
+        if not self.rerank:
+            return self._index.search(queries, k)
+        _, ids = self._index.search(queries, max(k, self.rerank))
+        return self._rescore(np.asarray(queries, np.float32), ids, k)
+
+    def _rescore(self, queries: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        assert self._store is not None, "open() first"
+        q = np.array(queries, dtype=np.float32, order="C", ndmin=2)
+        faiss.normalize_L2(q)
+        out_s = np.full((len(ids), k), -np.inf, np.float32)
+        out_i = np.full((len(ids), k), -1, np.int64)
+        # A candidate whose record is gone (deleted since the search) drops out, as the index would have it.
+        kept, vecs = read_cls(self._store, np.unique(ids[ids >= 0]))
+        faiss.normalize_L2(vecs)
+        row_of = {int(i): n for n, i in enumerate(kept)}
+        for r in range(len(ids)):
+            rows = [row_of[int(i)] for i in ids[r] if int(i) in row_of]
+            if not rows:
+                continue
+            exact = vecs[rows] @ q[r]
+            order = np.argsort(-exact, kind="stable")[:k]
+            out_s[r, : len(order)], out_i[r, : len(order)] = exact[order], kept[rows][order]
+        return out_s, out_i
 
     def tokens(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Frame tokens [N, T, D] fp16; raises token_store.MissingRecordError for ids without a record."""
@@ -295,15 +384,23 @@ class LiveIndex:
     def snapshot(self) -> dict[str, Any]:
         """Save the index atomically with the seq it reflects; returns the manifest."""
         with self._lock:
-            return self._index.save(self.path, {"model_id": self.model_id, "last_seq": self.last_seq})
+            return self._index.save(
+                self.path, {"model_id": self.model_id, "last_seq": self.last_seq, "rerank": self._rerank}
+            )
+
+
+def snapshot_manifest(data: DataDir, model_id: str) -> dict[str, Any]:
+    """The manifest of a model's snapshot on disk (unverified), or {} when there is none readable."""
+    try:
+        manifest = json.loads(data.index_manifest(model_id).read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
 def snapshot_factory(data: DataDir, model_id: str) -> str:
     """The factory recorded in a model's snapshot manifest, or "Flat"."""
-    try:
-        return str(json.loads(data.index_manifest(model_id).read_text())["factory"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return "Flat"
+    return str(snapshot_manifest(data, model_id).get("factory") or "Flat")
 
 
 def open_for_model(
@@ -326,12 +423,22 @@ def save_snapshot(
     *,
     rebuild: bool = False,
     factory: str | None = None,
+    **kwargs: Any,
 ) -> dict[str, Any]:
     """Bring a model's snapshot up to date with the catalog (or rebuild it) and save it; any model, active or not.
 
-    `factory=None` keeps the factory of the snapshot on disk (Flat when there is none).
+    `factory=None` keeps the factory of the snapshot on disk (Flat when there is none); `kwargs` go to
+    LiveIndex (nprobe, ef_search, rerank: saved in the manifest as the defaults of the processes that load
+    it, and kept from the snapshot on disk when None and the factory stays; device: where the index is
+    built, e.g. an IVF trained on a GPU).
     """
-    index = open_for_model(data, session_factory, model_id, factory or snapshot_factory(data, model_id))
+    current = snapshot_manifest(data, model_id)
+    factory = factory or str(current.get("factory") or "Flat")
+    if current.get("factory") == factory:
+        for knob in ("nprobe", "ef_search", "rerank"):
+            if kwargs.get(knob) is None and current.get(knob) is not None:
+                kwargs[knob] = int(current[knob])
+    index = open_for_model(data, session_factory, model_id, factory, **kwargs)
     try:
         index.open(follow=False, rebuild=rebuild, check_active=False)
         return index.snapshot()

@@ -27,6 +27,8 @@ MIN_TRAIN_PER_CENTROID = 39  # below this faiss's k-means warns that centroids a
 _TORCH_BLOCK_ROWS = 65536  # database rows per matmul block in batched exact search
 _STALE_TMP_SECONDS = 3600
 _READ_ATTEMPTS = 5  # loads that raced a save in another process, read again
+_GPU_MAX_K = 2048  # faiss GPU k-selection limit (GPU_MAX_SELECTION_K)
+_GPU_MAX_TOMBSTONES = 512  # deleted ids a GPU index filters after search before it is compacted
 
 
 class VectorIndexError(Exception):
@@ -103,6 +105,15 @@ def _can_remove(index: faiss.Index) -> bool:
     return True
 
 
+def _ivf(index: faiss.Index) -> Any:
+    """The IVF part of a CPU index, or a GPU IVF clone (which has nprobe too); None for other types."""
+    ivf: Any = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        inner = faiss.downcast_index(index)
+        ivf = inner if type(inner).__name__.startswith("GpuIndexIVF") else None
+    return ivf
+
+
 def _top_hnsw(index: faiss.Index) -> Any:
     inner = faiss.downcast_index(index)
     if isinstance(inner, faiss.IndexPreTransform):
@@ -143,6 +154,8 @@ class VectorIndex:
         self._removable = _can_remove(base)
         self._flat = base if type(base) is faiss.IndexFlat else None  # enables the torch batched path
         self._gpu_res: Any = None
+        self._gpu_device = 0
+        self.cpu_reason = ""  # why to_gpu() left the index on the CPU
         self._threads = 1
         all_ids = faiss.vector_to_array(index.id_map).astype(np.int64)
         self._tombstones = np.unique(tombstones)
@@ -165,12 +178,12 @@ class VectorIndex:
                 self._threads = threads
             base = self._index.index
             if nprobe is not None:
-                ivf = faiss.try_extract_index_ivf(base)
+                ivf = _ivf(base)
                 if ivf is None or nprobe < 1:
                     raise ValueError(
                         f"nprobe={nprobe} needs an IVF factory and a value >= 1 ({self.factory!r})"
                     )
-                ivf.nprobe = min(nprobe, ivf.nlist)
+                ivf.nprobe = min(nprobe, getattr(ivf, "nlist", nprobe))
             if ef_search is not None:
                 hnsw = _top_hnsw(base)
                 if hnsw is None or ef_search < 1:
@@ -181,7 +194,7 @@ class VectorIndex:
             self._refresh_params()
 
     def search_params(self) -> dict[str, int | None]:
-        ivf = faiss.try_extract_index_ivf(self._index.index)
+        ivf = _ivf(self._index.index)
         hnsw = _top_hnsw(self._index.index)
         return {"nprobe": ivf.nprobe if ivf else None, "ef_search": hnsw.hnsw.efSearch if hnsw else None}
 
@@ -296,6 +309,8 @@ class VectorIndex:
                 self._index.remove_ids(faiss.IDSelectorBatch(gone))
             else:
                 self._tombstones = np.union1d(self._tombstones, gone)
+                if self._gpu_res is not None and len(self._tombstones) > _GPU_MAX_TOMBSTONES:
+                    self._compact_gpu()
             self._live = np.delete(self._live, np.searchsorted(self._live, gone))
             self._refresh_params()
             return len(gone)
@@ -313,8 +328,13 @@ class VectorIndex:
                 scores, ids = self._search_torch(q, k)
             else:
                 fetch = k + len(self._tombstones) if self._gpu_res is not None else k
+                index = self._index
+                if self._gpu_res is not None and fetch > _GPU_MAX_K:
+                    # Beyond the GPU's top-k limit (a selective filter's over-fetch): rare, so a CPU copy.
+                    logger.debug("k=%d is over the GPU limit %d: searching a CPU copy", fetch, _GPU_MAX_K)
+                    index = faiss.index_gpu_to_cpu(self._index)
                 with _omp_threads(self._threads):
-                    scores, ids = self._index.search(q, fetch, params=self._params)
+                    scores, ids = index.search(q, fetch, params=self._params)
                 if fetch > k:  # on a GPU, tombstones are filtered after the search
                     scores, ids = _drop(scores, ids, self._tombstones, k)
         scores[ids < 0] = -np.inf
@@ -342,30 +362,51 @@ class VectorIndex:
 
     # --- devices and snapshots -----------------------------------------------------------------------
     def to_gpu(self, device: int = 0) -> bool:
-        """Clone the index to a GPU (fp16) when faiss has GPU support and a device exists; False otherwise."""
-        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
-            logger.info("faiss has no GPU support or sees no device; the index stays on the CPU")
-            return False
-        with self._lock.write():
-            if self._gpu_res is not None:
-                return True
-            res = faiss.StandardGpuResources()
-            options = faiss.GpuClonerOptions()
-            options.useFloat16 = True
-            try:
-                gpu_index: Any = faiss.index_cpu_to_gpu(res, device, self._index, options)
-            except RuntimeError as e:
-                logger.warning("factory %r cannot move to the GPU, staying on the CPU: %s", self.factory, e)
-                return False
-            self._index, self._gpu_res, self._flat = gpu_index, res, None
-            self._removable = _can_remove(gpu_index.index)
-            self._refresh_params()
-            return True
+        """Clone the index to GPU ``device`` (fp16 storage) when faiss has GPU support, the device exists and
+        the factory can move; False otherwise, with the reason in ``cpu_reason`` (the caller logs it)."""
+        reason = gpu_unavailable_reason(device)
+        if reason is None:
+            with self._lock.write():
+                if self._gpu_res is not None:
+                    return True
+                res = faiss.StandardGpuResources()
+                try:
+                    gpu_index: Any = faiss.index_cpu_to_gpu(res, device, self._index, _cloner_options())
+                except RuntimeError as e:
+                    reason = (
+                        f"factory {self.factory!r} cannot move to the GPU ({str(e).strip().splitlines()[0]})"
+                    )
+                else:
+                    self._index, self._gpu_res, self._flat = gpu_index, res, None
+                    self._gpu_device = device
+                    self._removable = _can_remove(gpu_index.index)
+                    self._refresh_params()
+                    return True
+        self.cpu_reason = reason
+        return False
+
+    @property
+    def device(self) -> str:
+        """Where the index lives: "cpu" or "cuda:N"."""
+        return "cpu" if self._gpu_res is None else f"cuda:{self._gpu_device}"
+
+    def _cpu_copy(self) -> Any:
+        return faiss.index_gpu_to_cpu(self._index) if self._gpu_res is not None else self._index
+
+    def _compact_gpu(self) -> None:
+        # GPU indexes cannot remove ids: deleted ids are tombstones filtered after each search, which asks
+        # for k + len(tombstones). Past a bound, drop them from a CPU copy and clone that back.
+        cpu: Any = faiss.index_gpu_to_cpu(self._index)
+        if not _can_remove(cpu.index):
+            return
+        cpu.remove_ids(faiss.IDSelectorBatch(self._tombstones))
+        self._index = faiss.index_cpu_to_gpu(self._gpu_res, self._gpu_device, cpu, _cloner_options())
+        self._tombstones = np.zeros(0, np.int64)
 
     def save(self, path: Path | str, manifest: dict[str, Any]) -> dict[str, Any]:
         """Atomically write ``path`` and ``path.manifest.json``; returns the manifest written."""
         with self._lock.read():
-            cpu = faiss.index_gpu_to_cpu(self._index) if self._gpu_res is not None else self._index
+            cpu = self._cpu_copy()  # snapshots are always CPU indexes: any process can load them
             full = {
                 **manifest,
                 "format": SNAPSHOT_FORMAT,
@@ -431,6 +472,22 @@ def build_index(
         index.train(vecs)
     index.add(ids, vecs)
     return index
+
+
+def gpu_unavailable_reason(device: int = 0) -> str | None:
+    """None when faiss can put an index on GPU ``device``; otherwise why not, in words."""
+    if not hasattr(faiss, "StandardGpuResources"):
+        return "faiss has no GPU support (faiss-cpu is installed; the `gpu` extra installs faiss-gpu)"
+    visible = faiss.get_num_gpus()
+    if device >= visible:
+        return f"faiss sees {visible} CUDA device(s), so there is no cuda:{device}"
+    return None
+
+
+def _cloner_options() -> Any:
+    options = faiss.GpuClonerOptions()
+    options.useFloat16 = True  # half the GPU memory; scores within fp16 rounding of the CPU index's
+    return options
 
 
 def _pq_centroids(base: faiss.Index) -> int:

@@ -67,13 +67,19 @@ class VerifyReport:
 
 
 def verify(
-    data: DataDir, session_factory: sessionmaker[Session], model_id: str, repair: bool = False
+    data: DataDir,
+    session_factory: sessionmaker[Session],
+    model_id: str,
+    repair: bool = False,
+    *,
+    index_device: str = "cpu",
 ) -> VerifyReport:
     """Check one model's index; with `repair`, fix what can be fixed and return the state after the fix.
 
     Repairs: a lagging, corrupt or stale snapshot is rebuilt from the catalog and the token store;
     orphan records are freed; videos with missing records (or none at all) get a `reindex` job (run it
-    with `indexer worker`, or `indexer verify --repair` runs it in-process).
+    with `indexer worker`, or `indexer verify --repair` runs it in-process). `index_device` is where a
+    rebuilt index is built (indexer.index_device).
     """
     report = _check(data, session_factory, model_id)
     if not repair or (report.ok and not report.stray_files):
@@ -83,7 +89,7 @@ def verify(
     requeued = _requeue(session_factory, model_id, report, actions)
     _free_orphans(data, session_factory, model_id, report, actions)
     if report.snapshot != "ok" or report.index_missing or report.index_extra:
-        save_snapshot(data, session_factory, model_id, rebuild=True)
+        save_snapshot(data, session_factory, model_id, rebuild=True, device=index_device)
         actions.append("rebuilt the index snapshot from the catalog and the token store")
     after = _check(data, session_factory, model_id)
     after.requeued_jobs, after.repaired = requeued, actions

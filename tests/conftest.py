@@ -1,4 +1,5 @@
-"""Fixtures every test folder shares: is PostgreSQL there, and a migrated SQLite catalog to copy."""
+"""Fixtures every test folder shares: is PostgreSQL there, and a migrated SQLite catalog to copy; `gpu`
+tests skip, saying why, where faiss or torch cannot use a CUDA device."""
 
 from __future__ import annotations
 
@@ -10,6 +11,20 @@ import pytest
 from postgres_admin import admin_engine, postgres_admin_url
 
 from indexer.db import upgrade_database
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("gpu") is None:
+        return
+    import torch
+
+    from indexer.vector_index import gpu_unavailable_reason
+
+    reason = gpu_unavailable_reason(0)
+    if reason is None and not torch.cuda.is_available():
+        reason = f"torch {torch.__version__} sees no CUDA device"
+    if reason is not None:
+        pytest.skip(f"gpu test: {reason}")
 
 
 @pytest.fixture(scope="session")

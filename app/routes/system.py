@@ -41,5 +41,6 @@ def get_health(request: Request, response: Response, settings: SettingsDep) -> H
 async def get_metrics(request: Request, metrics: MetricsDep) -> Response:
     services: Services | None = getattr(request.app.state, "services", None)
     size = services.index.size if services is not None else 0
+    info = (services.index.device, services.index.factory) if services is not None else None
     jobs = await run_in_threadpool(jobs_by_state, services)
-    return Response(metrics.render(size, jobs), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.render(size, jobs, info), media_type=CONTENT_TYPE_LATEST)

@@ -183,3 +183,47 @@ def test_batching_off_answers_each_query_alone(service, clips, api):
         with ThreadPoolExecutor(4) as pool:
             bodies = list(pool.map(lambda _: client.post("/search", json={"query": "red"}).json(), range(4)))
     assert all(b["batch_size"] == 1 and len(b["results"]) == 1 for b in bodies)
+
+
+def _broad(client, queries: list[str]) -> list[list[tuple[int, float]]]:
+    out = []
+    for q in queries:
+        r = client.post("/search", json={"query": q, "limit": 10, "rerank": False})
+        assert r.status_code == 200, r.text
+        out.append([(h["segment_id"], h["broad_score"]) for h in r.json()["results"]])
+    return out
+
+
+@pytest.mark.gpu
+def test_a_gpu_index_answers_like_the_cpu_one_follows_changes_and_saves_a_cpu_snapshot(
+    new_database, launch, tmp_path, clips, api
+):
+    data, url = tmp_path / "data", new_database("sqlite")
+    queries = ["a red square moves left", "a blue circle", "something green turning", "dog"]
+    with launch(data, url, index_device="cpu") as client:
+        first = api.ingest(client, [c["path"] for c in clips[:8]])
+        assert client.get("/health").json()["index"]["device"] == "cpu"
+        on_cpu = _broad(client, queries)
+    with launch(data, url, index_device="cuda") as client:
+        index = client.get("/health").json()["index"]
+        assert index["device"] == "cuda:0" and index["device_reason"] is None, index
+        assert 'tvs_index_info{device="cuda:0",factory="Flat"} 1.0' in client.get("/metrics").text
+        on_gpu = _broad(client, queries)
+        for cpu_hits, gpu_hits in zip(on_cpu, on_gpu, strict=True):
+            assert [i for i, _ in gpu_hits] == [i for i, _ in cpu_hits]
+            for (_, s_cpu), (_, s_gpu) in zip(cpu_hits, gpu_hits, strict=True):
+                assert abs(s_cpu - s_gpu) < 2e-3  # the GPU copy stores fp16
+        added = api.ingest(client, [clips[8]["path"]])  # the change follower adds to the GPU index
+        assert client.delete(f"/videos/{first[0]}").status_code == 200
+        api.wait_searchable(client, set(added))
+        videos = {r["video_id"] for r in api.search(client, limit=100, rerank=False).json()["results"]}
+        assert added[0] in videos and first[0] not in videos
+        on_gpu = _broad(client, queries)
+        size = client.get("/health").json()["index"]["size"]
+    # Shutting down saved the snapshot from a CPU copy of the GPU index: a CPU process loads it as is.
+    with launch(data, url, index_device="cpu") as client:
+        index = client.get("/health").json()["index"]
+        assert index["device"] == "cpu" and index["size"] == size
+        assert [[i for i, _ in hits] for hits in _broad(client, queries)] == [
+            [i for i, _ in hits] for hits in on_gpu
+        ]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
+import faiss
 import pytest
 from fastapi.testclient import TestClient
 from postgres_admin import create_postgres_database, drop_postgres_database
@@ -13,6 +15,8 @@ from pydantic import ValidationError
 from app.main import create_app
 from app.settings import Settings
 from indexer.db import DatabaseNotMigratedError, make_engine, upgrade_database
+from indexer.index_device import IndexDeviceError
+from indexer.live_index import IndexConfigError
 
 KEY = "k" * 24
 
@@ -23,7 +27,12 @@ def test_health_reports_model_device_and_index(service, clips, api):
         assert body["status"] == "ok" and body["ready"] is True
         assert body["model"]["id"].startswith("tiny-") and body["model"]["device"] == "cpu"
         assert body["model"]["top_k"] == 4 and body["model"]["num_frames"] == 4 and body["model"]["dim"] == 32
-        assert body["index"] == {"size": 0, "type": "Flat"}
+        assert body["index"]["size"] == 0 and body["index"]["type"] == "Flat"
+        assert (body["index"]["nprobe"], body["index"]["ef_search"], body["index"]["rerank"]) == (
+            None,
+            None,
+            0,
+        )
         assert body["worker"] is True and body["auth_required"] is False
         api.ingest(client, [clips[0]["path"]])
         assert client.get("/health").json()["index"]["size"] == 1
@@ -46,6 +55,8 @@ def test_metrics_expose_stage_latency_index_size_and_jobs(service, clips, api):
         for stage in ("encode", "faiss", "tokens", "rerank", "total"):
             assert re.search(rf'tvs_search_stage_seconds_count{{stage="{stage}"}} [1-9]', text), stage
         assert "tvs_index_size 1.0" in text
+        device = client.get("/health").json()["index"]["device"]
+        assert f'tvs_index_info{{device="{device}",factory="Flat"}} 1.0' in text
         assert 'tvs_jobs{state="ready"} 1.0' in text and 'tvs_jobs{state="failed"} 0.0' in text
         assert 'tvs_http_request_duration_seconds_count{method="POST",route="/search",status="200"}' in text
         assert 'route="/jobs/{job_id}"' in text  # labelled by template, not by id
@@ -92,10 +103,24 @@ def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path
     monkeypatch.setenv("TVS_BATCH_MAX_SIZE", "16")
     monkeypatch.setenv("TVS_WORKER", "false")
     monkeypatch.setenv("TVS_API_KEY", "  ")
+    monkeypatch.setenv("TVS_INDEX_DEVICE", "CUDA:1")
+    monkeypatch.setenv("TVS_INDEX_NPROBE", "8")
+    monkeypatch.setenv("TVS_INDEX_EF_SEARCH", "32")
+    monkeypatch.setenv("TVS_INDEX_RERANK", "0")
     s = Settings()
     assert s.data_dir == tmp_path and s.batch_max_size == 16 and s.worker is False and s.api_key is None
+    assert (s.index_device, s.index_nprobe, s.index_ef_search, s.index_rerank) == ("cuda:1", 8, 32, 0)
     assert s.allowed_roots == [tmp_path / "a", tmp_path / "b"]
     assert s.cors_origins == ["https://x.example"]
+    for name, bad, message in [
+        ("TVS_INDEX_DEVICE", "gpu", "not one of auto, cpu, cuda, cuda:N"),
+        ("TVS_INDEX_NPROBE", "0", "greater than or equal to 1"),
+        ("TVS_INDEX_RERANK", "-1", "greater than or equal to 0"),
+    ]:
+        with monkeypatch.context() as m:
+            m.setenv(name, bad)
+            with pytest.raises(ValidationError, match=message):
+                Settings()
     monkeypatch.setenv("TVS_ENV", "production")
     with pytest.raises(ValidationError):
         Settings()
@@ -190,3 +215,63 @@ def test_openapi_documents_every_endpoint():
     }
     body = paths["/videos"]["post"]["requestBody"]["content"]
     assert set(body) == {"multipart/form-data", "application/json"}
+
+
+NO_FAISS_GPU = pytest.mark.skipif(hasattr(faiss, "StandardGpuResources"), reason="faiss has GPU support here")
+
+
+@NO_FAISS_GPU
+@pytest.mark.parametrize(
+    ("device", "reason"),
+    [("cpu", "the index device is set to cpu"), ("auto", "index device auto: faiss has no GPU support")],
+)
+def test_the_index_runs_on_the_cpu_and_says_why(
+    service, device: str, reason: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    monkeypatch.setenv("TVS_INDEX_DEVICE", device)  # through the environment, as a deployment sets it
+    with caplog.at_level(logging.INFO, logger="indexer.live_index"):
+        with service(**Settings().model_dump(include={"index_device"})) as client:
+            index = client.get("/health").json()["index"]
+            assert index["device"] == "cpu" and reason in index["device_reason"]
+            assert 'tvs_index_info{device="cpu",factory="Flat"} 1.0' in client.get("/metrics").text
+    lines = [r.getMessage() for r in caplog.records if "FAISS index is on the CPU" in r.getMessage()]
+    assert len(lines) == 1 and reason in lines[0]
+
+
+@NO_FAISS_GPU
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_a_gpu_index_device_without_faiss_gpu_support_stops_the_start_up(service, device: str):
+    with pytest.raises(IndexDeviceError, match=rf"index device '{device}' cannot be used: faiss has no GPU"):
+        with service(index_device=device):
+            pass
+
+
+def test_index_knobs_reach_the_index_and_health(service, clips, api):
+    with service(index_factory="HNSW16", index_ef_search=24, index_rerank=3) as client:
+        index = client.get("/health").json()["index"]
+        assert (index["type"], index["nprobe"], index["ef_search"], index["rerank"]) == (
+            "HNSW16",
+            None,
+            24,
+            3,
+        )
+        api.ingest(client, [clips[0]["path"], clips[1]["path"]])
+        r = api.search(client, "red square", limit=5)
+        assert r.status_code == 200 and len(r.json()["results"]) == 2
+    with service(index_factory="HNSW16") as client:  # unset knobs: the ones saved with the snapshot
+        index = client.get("/health").json()["index"]
+        assert (index["ef_search"], index["rerank"], index["size"]) == (24, 3, 2)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"index_nprobe": 4}, "nprobe=4 needs an IVF factory"),
+        ({"index_factory": "HNSW16", "index_nprobe": 4}, "nprobe=4 needs an IVF factory"),
+        ({"index_factory": "IVF4,Flat", "index_ef_search": 8}, "ef_search=8 needs an HNSW factory"),
+    ],
+)
+def test_an_index_knob_for_another_index_type_stops_the_start_up(service, settings, message):
+    with pytest.raises(IndexConfigError, match=message):
+        with service(**settings):
+            pass

@@ -1,4 +1,5 @@
-"""Database fixtures: SQLite and PostgreSQL catalogs per test, empty or migrated to head and emptied."""
+"""Database fixtures: SQLite and PostgreSQL catalogs per test, empty or migrated to head and emptied; a
+synthetic library of 5000 segments for index tests."""
 
 from __future__ import annotations
 
@@ -6,13 +7,17 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from postgres_admin import BACKENDS, create_postgres_database, drop_postgres_database
 from sqlalchemy import Engine, create_engine, pool, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from indexer import catalog
 from indexer.catalog import Base
-from indexer.db import make_engine, make_session_factory, upgrade_database
+from indexer.db import make_engine, make_session_factory, session_scope, upgrade_database
+from indexer.paths import DataDir
+from indexer.token_store import TokenStore
 
 
 @pytest.fixture
@@ -93,3 +98,43 @@ def db_engine(migrated_db_url: str) -> Iterator[Engine]:
 @pytest.fixture
 def session_factory(db_engine: Engine) -> sessionmaker[Session]:
     return make_session_factory(db_engine)
+
+
+SYNTHETIC_MODEL = "synthetic-32"
+
+
+def clustered_vectors(n: int, dim: int, seed: int) -> np.ndarray:
+    """Unit vectors in 40 overlapping clusters: near neighbours an IVF with few probes misses."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, dim))
+    x = centres[rng.integers(0, 40, n)] + 0.9 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture
+def synthetic_library(migrated_sqlite_url: str, tmp_path: Path) -> Iterator[tuple[Path, str, np.ndarray]]:
+    """(data dir, catalog URL, CLS vectors [5000, 32]): one ready video of 5000 segments of the active model
+    SYNTHETIC_MODEL (dim 32, T=1), written straight to the catalog and the token store, no model run.
+    Segment ids are 1..5000 in the order of the vectors."""
+    n, dim = 5000, 32
+    vecs = clustered_vectors(n, dim, seed=0)
+    data = DataDir(tmp_path / "data").ensure()
+    engine = make_engine(migrated_sqlite_url)
+    factory = make_session_factory(engine)
+    with session_scope(factory) as session:
+        catalog.ensure_model(session, SYNTHETIC_MODEL, "synthetic", dim, 1)
+        catalog.activate_model(session, SYNTHETIC_MODEL)
+        video_id = catalog.create_video(session, sha256="a" * 64, source="test")[0].id
+    with session_scope(factory) as session:
+        ids = catalog.allocate_segment_ids(session, n)
+    assert ids == list(range(1, n + 1))
+    store = TokenStore(data.tokens_dir(SYNTHETIC_MODEL), 1, dim)
+    store.put_many(ids, vecs[:, None, :], vecs)
+    store.flush()
+    store.close()
+    rows = [catalog.NewSegment(i, o, float(o), float(o + 1)) for o, i in enumerate(ids)]
+    with session_scope(factory) as session:
+        catalog.add_segments(session, video_id, SYNTHETIC_MODEL, rows)
+        catalog.set_video_status(session, video_id, "ready")
+    engine.dispose()
+    yield data.root, migrated_sqlite_url, vecs

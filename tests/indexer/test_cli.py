@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import faiss
 import pytest
 
 from indexer.cli import build_parser, main
+from indexer.db import make_engine, make_session_factory
+from indexer.live_index import open_for_model
+from indexer.paths import DataDir
 from indexer.synth import write_pattern_video
 from model.checkpoint import load_model, save_checkpoint
 
@@ -123,3 +127,82 @@ def test_a_postgresql_catalog_through_database_url(postgres_url: str, cli, tmp_p
     assert code == 0 and json.loads(out)["indexed"] == 2
     assert cli("verify", *db)[0] == 0
     assert not (tmp_path / "data" / "catalog.db").exists(), "nothing went to the default SQLite catalog"
+
+
+def _synthetic_cli(synthetic_library, capsys: pytest.CaptureFixture[str]):
+    root, url, _ = synthetic_library
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main([args[0], "--data-dir", str(root), "--database-url", url, *args[1:]])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def test_rebuild_index_takes_the_index_knobs_and_saves_them_for_the_service(
+    synthetic_library, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TVS_MODEL", raising=False)
+    cli = _synthetic_cli(synthetic_library, capsys)
+    code, out, err = cli(
+        "rebuild-index",
+        "--index-factory",
+        "IVF16,Flat",
+        "--index-nprobe",
+        "4",
+        "--index-rerank",
+        "25",
+        "--json",
+    )
+    manifest = json.loads(out)
+    assert code == 0, err
+    assert (manifest["factory"], manifest["nprobe"], manifest["rerank"], manifest["count"]) == (
+        "IVF16,Flat",
+        4,
+        25,
+        5000,
+    )
+    # The environment names the same knobs; the text output says what is in force.
+    monkeypatch.setenv("TVS_INDEX_NPROBE", "6")
+    code, out, _ = cli("rebuild-index", "--factory", "IVF16,Flat")
+    assert code == 0 and "(IVF16,Flat; nprobe 6, rerank 25)" in out
+    root, url, _ = synthetic_library
+    engine = make_engine(url)
+    try:  # what a service with no knobs of its own loads
+        live = open_for_model(DataDir(root), make_session_factory(engine), "synthetic-32", "IVF16,Flat")
+        with live.open(follow=False):
+            assert live.search_settings() == {"nprobe": 6, "ef_search": None, "rerank": 25}
+    finally:
+        engine.dispose()
+
+
+def test_rebuild_index_refuses_knobs_that_do_not_fit(
+    synthetic_library, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TVS_MODEL", raising=False)
+    cli = _synthetic_cli(synthetic_library, capsys)
+    code, _, err = cli("rebuild-index", "--index-factory", "Flat", "--index-nprobe", "4")
+    assert code == 2 and "nprobe=4 needs an IVF factory" in err
+    code, _, err = cli("rebuild-index", "--index-factory", "HNSW16", "--index-ef-search", "0")
+    assert code == 2 and "ef_search=0 needs an HNSW factory and a value >= 1" in err
+    with pytest.raises(SystemExit) as exit_info:
+        cli("rebuild-index", "--index-device", "gpu")
+    assert exit_info.value.code == 2 and "not one of auto, cpu, cuda, cuda:N" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(hasattr(faiss, "StandardGpuResources"), reason="faiss has GPU support here")
+@pytest.mark.parametrize("command", ["rebuild-index", "verify"])
+def test_a_gpu_index_device_without_faiss_gpu_support_exits_2(
+    synthetic_library, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    monkeypatch.delenv("TVS_MODEL", raising=False)
+    cli = _synthetic_cli(synthetic_library, capsys)
+    code, out, err = cli(command, "--index-device", "cuda")
+    assert code == 2 and out == ""
+    assert f"indexer {command}: index device 'cuda' cannot be used: faiss has no GPU support" in err
+    monkeypatch.setenv("TVS_INDEX_DEVICE", "cuda:0")
+    assert cli(command)[0] == 2
+    monkeypatch.setenv("TVS_INDEX_DEVICE", "auto")
+    code, out, _ = cli("rebuild-index", "--json")
+    assert code == 0 and json.loads(out)["count"] == 5000  # auto: on the CPU here

@@ -250,6 +250,7 @@ def test_concurrent_search_while_adding() -> None:
 def test_to_gpu_without_gpu_support_keeps_the_cpu_index() -> None:
     index = build_index(D, "Flat", [1, 2], _mixture(2, 2))
     assert index.to_gpu() is False
+    assert index.device == "cpu" and "faiss has no GPU support" in index.cpu_reason
     assert index.search(_mixture(1, 2), 1)[1][0, 0] in (1, 2)
 
 
