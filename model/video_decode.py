@@ -8,6 +8,8 @@ from pathlib import Path
 
 import av
 
+from model.formats import HEAD_BYTES, sniff
+
 logger = logging.getLogger(__name__)
 
 MAX_SIDE = 16384
@@ -16,9 +18,6 @@ MAX_ASPECT = 20.0
 # Frame threading pays off only on frames big enough to split the work; tiny clips decode faster alone.
 THREADED_MIN_PIXELS = 640 * 360
 IMAGE_FORMATS = {"image2", "image2pipe"}
-# Container signatures: a file that starts like a video but will not open is damaged, not foreign.
-_MAGIC_AT_4 = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip")
-_MAGIC_AT_0 = (b"\x1a\x45\xdf\xa3", b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3", b"FLV", b"OggS")
 
 
 class VideoDecodeError(Exception):
@@ -39,7 +38,7 @@ class VideoDecodeError(Exception):
         EMPTY: ("the file is empty (0 bytes)", "copy or upload it again"),
         NOT_A_VIDEO: (
             "it is not a video in a known format",
-            "use a video file (mp4, mkv, webm, mov, avi, mpg)",
+            "use a video file (mp4, mkv, webm, mov, avi, mpg, ts, m2ts, 3gp, wmv, flv, mxf…)",
         ),
         NO_VIDEO_STREAM: ("it has no video stream (audio only?)", "use a file that contains video"),
         CORRUPT: ("it is truncated or corrupt", "re-encode it or use a complete copy"),
@@ -50,9 +49,15 @@ class VideoDecodeError(Exception):
     def __init__(self, path: str | Path, reason: str, detail: str = "") -> None:
         self.path = str(path)
         self.reason = reason
+        self.detail = detail
         what, todo = self._TEXT.get(reason, ("it cannot be decoded", "re-encode it"))
         extra = f" ({detail})" if detail else ""
         super().__init__(f"cannot decode {self.path}: {what}{extra}; {todo}")
+
+    @property
+    def what(self) -> str:
+        """What is wrong, in a few words without the path ("it is truncated or corrupt")."""
+        return self._TEXT.get(self.reason, ("it cannot be decoded", ""))[0]
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,7 @@ def open_video(path: str | Path, threads: int = 0) -> tuple[av.container.InputCo
     try:
         size = p.stat().st_size
         with p.open("rb") as fh:
-            head = fh.read(16)
+            head = fh.read(HEAD_BYTES)
     except FileNotFoundError as e:
         raise VideoDecodeError(p, VideoDecodeError.MISSING) from e
     except OSError as e:
@@ -89,7 +94,8 @@ def open_video(path: str | Path, threads: int = 0) -> tuple[av.container.InputCo
     try:
         container = av.open(str(p), metadata_errors="ignore")
     except av.error.InvalidDataError as e:
-        damaged = head[4:8] in _MAGIC_AT_4 or head.startswith(_MAGIC_AT_0) or head[8:12] == b"AVI "
+        # A file that starts like a video container but will not open is damaged, not foreign.
+        damaged = sniff(head).format is not None
         reason = VideoDecodeError.CORRUPT if damaged else VideoDecodeError.NOT_A_VIDEO
         raise VideoDecodeError(p, reason, "FFmpeg cannot parse its container") from e
     except (av.error.FFmpegError, OSError) as e:
