@@ -18,6 +18,8 @@ MAX_ASPECT = 20.0
 # Frame threading pays off only on frames big enough to split the work; tiny clips decode faster alone.
 THREADED_MIN_PIXELS = 640 * 360
 IMAGE_FORMATS = {"image2", "image2pipe"}
+# FFmpeg renders these text files (ANSI art, chosen by suffix: .bin, .txt, .nfo...) as "video": never a video.
+TEXT_ART_FORMATS = {"bin", "tty", "adf", "idf", "xbin"}
 
 
 class VideoDecodeError(Exception):
@@ -111,6 +113,8 @@ def _read_meta(p: Path, container: av.container.InputContainer, file_size: int, 
     fmt = container.format.name
     if fmt in IMAGE_FORMATS or fmt.endswith("_pipe"):
         raise VideoDecodeError(p, VideoDecodeError.NOT_A_VIDEO, f"it is a still image ({fmt})")
+    if fmt in TEXT_ART_FORMATS:
+        raise VideoDecodeError(p, VideoDecodeError.NOT_A_VIDEO, f"FFmpeg can show it only as text art: {fmt}")
     attached = av.stream.Disposition.attached_pic
     streams = [s for s in container.streams.video if not s.disposition & attached]
     if not streams:
@@ -177,7 +181,12 @@ def _scan_duration(p: Path, index: int, tb: float, start_s: float) -> float:
     """Duration from the last packet, for files whose header has none (e.g. browser-recorded WebM)."""
     end = 0.0
     with av.open(str(p), metadata_errors="ignore") as container:
-        for packet in container.demux(container.streams[index]):
-            if packet.pts is not None:
-                end = max(end, (packet.pts + (packet.duration or 0)) * tb - start_s)
+        try:
+            for packet in container.demux(container.streams[index]):
+                if packet.pts is not None:
+                    end = max(end, (packet.pts + (packet.duration or 0)) * tb - start_s)
+        except av.error.FFmpegError as e:
+            if not end > 0:
+                raise VideoDecodeError(p, VideoDecodeError.CORRUPT, f"no packet could be read: {e}") from e
+            logger.warning("%s: duration from the packets before a damaged one (%s)", p, e)
     return end

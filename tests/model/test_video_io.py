@@ -301,6 +301,16 @@ def test_hostile_file_raises_with_reason(hostile: dict[str, Path], key: str) -> 
         assert info.value.path == str(hostile[key]) and str(hostile[key]) in str(info.value)
 
 
+@pytest.mark.parametrize("name", ["upload.bin", "notes.txt", "readme.nfo", "no_suffix"])
+def test_text_is_not_a_video_whatever_its_suffix(tmp_path: Path, name: str) -> None:
+    # FFmpeg opens .bin, .txt and .nfo files as ANSI-art "video"; a stored upload of unknown type is .bin.
+    path = tmp_path / name
+    path.write_text("<html><script>alert(document.cookie)</script>page</html>" * 20)
+    with pytest.raises(VideoDecodeError) as info:
+        probe(path)
+    assert info.value.reason == VideoDecodeError.NOT_A_VIDEO, info.value
+
+
 def test_missing_file_and_absurd_dimensions(tmp_path: Path) -> None:
     with pytest.raises(VideoDecodeError) as info:
         probe(tmp_path / "nope.mp4")
