@@ -273,5 +273,12 @@ def test_media_is_served_as_its_container_whatever_its_name(service, api, tmp_pa
             media = client.get(f"/videos/{r.json()['video_id']}/media")
             assert media.status_code == 200 and media.content == samples[name].read_bytes()
             assert media.headers["content-type"] == expected[name], name
+        # A library file that is no video is served as bytes, not as the type its name suggests.
+        page = tmp_path / "samples" / "page.html"
+        page.write_text("<html><script>alert(document.cookie)</script></html>\n" * 20)
+        r = client.post("/videos", json={"path": str(page)})
+        assert r.status_code == 202 and api.wait_job(client, r.json()["job_id"])["state"] == "failed"
+        media = client.get(f"/videos/{r.json()['video_id']}/media")
+        assert media.status_code == 200 and media.headers["content-type"] == "application/octet-stream"
     stored = sorted(p.suffix for p in (tmp_path / "data" / "videos").rglob("*") if p.is_file())
     assert stored == [".3gp", ".bin", ".mts", ".wmv"]
