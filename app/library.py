@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import mimetypes
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -14,9 +13,11 @@ from app.search_types import Hit
 from indexer import catalog, jobs
 from indexer.catalog import Job, Segment, Video
 from indexer.paths import DataDir
+from model.formats import OCTET_STREAM, sniff_file
 
 logger = logging.getLogger(__name__)
 
+# By suffix, only for a file whose first bytes match no known container (FFmpeg may still read it).
 _MEDIA_TYPES = {
     ".mp4": "video/mp4",
     ".m4v": "video/mp4",
@@ -139,9 +140,22 @@ def media_file(session: Session, data: DataDir, *, video_id: int) -> tuple[Path,
     inside = Path(video.stored_path).is_absolute() or path.resolve().is_relative_to(data.root.resolve())
     if not inside or not path.is_file():
         return None
-    suffix = Path(video.filename or path.name).suffix.lower()
+    return path, media_type(path, video.filename)
+
+
+def media_type(path: Path, filename: str | None = None) -> str:
+    """The container's MIME type from the file's first bytes (the same signatures FFmpeg probes), so a
+    stored `.bin` upload, a renamed file or a `.mts` is served as what it is; else by suffix."""
+    try:
+        signature = sniff_file(path)
+    except OSError:
+        signature = None
+    if signature is not None and signature.format is not None:
+        return signature.mime
+    suffix = Path(filename or path.name).suffix.lower()
     kind = _MEDIA_TYPES.get(path.suffix.lower()) or _MEDIA_TYPES.get(suffix)
-    return path, kind or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    # Never a type guessed from any other name: a browser must not run a stored file as a page.
+    return kind or OCTET_STREAM
 
 
 def thumbnail_file(session: Session, data: DataDir, *, segment_id: int) -> Path | None:

@@ -132,6 +132,19 @@ def _failures(failed: dict[str, str]) -> str:
     return f"\n{len(failed)} failed:\n" + "\n".join(f"  {path}: {reason}" for path, reason in failed.items())
 
 
+def _skips(report: Any, verbose: bool) -> str:
+    """Counts by reason; each file with --verbose."""
+    if not report.skipped:
+        return ""
+    lines = [f"{len(report.skipped)} skipped (not a video FFmpeg can decode):"]
+    lines += [f"  {count} {reason}" for reason, count in report.skipped_by_reason().items()]
+    if verbose:
+        lines += [f"  {path}: {reason}" for path, reason in report.skipped.items()]
+    else:
+        lines.append("  (--verbose or --json lists the files)")
+    return "\n" + "\n".join(lines)
+
+
 # --- commands ---------------------------------------------------------------------------------------------
 def cmd_migrate(env: Env) -> int:
     engine = make_engine(env.url)
@@ -168,9 +181,10 @@ def cmd_add(env: Env) -> int:
         bar.close()
     text = (
         f"{report.files} file(s): {report.indexed} indexed, {report.already} already indexed, "
-        f"{len(report.failed)} failed; {report.segments} segments in {report.seconds:.1f} s"
+        f"{len(report.failed)} failed, {len(report.skipped)} skipped; "
+        f"{report.segments} segments in {report.seconds:.1f} s"
     )
-    env.emit(report.to_dict(), text + _failures(report.failed))
+    env.emit(report.to_dict(), text + _failures(report.failed) + _skips(report, a.verbose))
     return 1 if report.failed else 0
 
 

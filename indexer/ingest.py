@@ -10,7 +10,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,8 +20,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from indexer import catalog, jobs
 from indexer.catalog import Change, Job, Segment, Video
 from indexer.db import session_scope
-from indexer.paths import VIDEO_EXTENSIONS, DataDir, fsync_dir
+from indexer.paths import SIDECAR_EXTENSIONS, VIDEO_EXTENSIONS, DataDir, fsync_dir
 from indexer.token_store import TokenStore
+from model.formats import EMPTY, sniff_file
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +52,36 @@ def sha256_file(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def discover(paths: Iterable[str | os.PathLike[str]], recursive: bool = True) -> list[Path]:
-    """Video files named by files, folders (walked for video extensions) or globs; sorted, no duplicates."""
-    found: dict[Path, None] = {}
+@dataclass(frozen=True)
+class Found:
+    path: Path
+    # Check with FFmpeg before ingesting: the bytes look like a video container but the name does not say so.
+    probe: bool = False
+
+
+@dataclass
+class Scan:
+    found: list[Found] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # file -> why it is not taken
+
+
+def scan(paths: Iterable[str | os.PathLike[str]], recursive: bool = True) -> Scan:
+    """The videos named by files, folders (walked) or globs, and the files passed over with the reason.
+
+    A file named explicitly is taken whatever it holds. A file found in a folder or by a glob is taken when
+    its first bytes look like a video container, or when it has a video suffix and its bytes are not
+    something else (an image, text, audio…); no file is opened with FFmpeg here. Hidden files and folders
+    are not looked at; sidecar files (subtitles, camera thumbnails and proxies) are skipped unread.
+    """
+    found: dict[Path, Found] = {}
+    skipped: dict[Path, str] = {}
     for raw in paths:
         text = os.fspath(raw)
         path = Path(text).expanduser()
         if path.is_dir():
             matches = [path]
         elif path.is_file():
-            found.setdefault(path.resolve())  # named explicitly: taken whatever its extension
+            found.setdefault(path.resolve(), Found(path.resolve()))  # named explicitly: taken as it is
             continue
         elif glob.has_magic(text):
             matches = [Path(m) for m in sorted(glob.glob(os.path.expanduser(text), recursive=True))]
@@ -70,15 +91,49 @@ def discover(paths: Iterable[str | os.PathLike[str]], recursive: bool = True) ->
             raise FileNotFoundError(f"{text}: no such file or folder, and no file matches it as a glob")
         for match in matches:
             for file in _walk(match, recursive) if match.is_dir() else [match]:
-                if file.is_file() and file.suffix.lower() in VIDEO_EXTENSIONS:
-                    found.setdefault(file.resolve())
-    return list(found)
+                if not file.is_file() or file.resolve() in found:
+                    continue
+                verdict = _classify(file)
+                if isinstance(verdict, Found):
+                    found[verdict.path] = verdict
+                else:
+                    skipped.setdefault(file.resolve(), verdict)
+    return Scan(list(found.values()), {str(p): why for p, why in skipped.items() if p not in found})
+
+
+def discover(paths: Iterable[str | os.PathLike[str]], recursive: bool = True) -> list[Path]:
+    """The video files of `scan`, in order, without duplicates."""
+    return [f.path for f in scan(paths, recursive).found]
+
+
+def _classify(file: Path) -> Found | str:
+    """A Found for a likely video, else the reason to skip it (from the name and the first bytes only)."""
+    suffix = file.suffix.lower()
+    if suffix in SIDECAR_EXTENSIONS:
+        return f"sidecar file ({suffix})"
+    try:
+        signature = sniff_file(file)
+    except OSError as e:
+        return f"cannot read: {e.strerror or e}"
+    if signature.format is not None:
+        return Found(file.resolve(), probe=suffix not in VIDEO_EXTENSIONS)
+    if signature.mime == EMPTY:
+        return "empty file"
+    if signature.known:
+        return f"not a video ({signature.mime})"
+    if suffix in VIDEO_EXTENSIONS:
+        return Found(file.resolve())  # an unfamiliar signature, but named as a video: FFmpeg decides
+    return "not a video (unknown format)"
 
 
 def _walk(folder: Path, recursive: bool) -> list[Path]:
-    files = folder.rglob("*") if recursive else folder.glob("*")
-    # Dot files are partial downloads and editor droppings, not library content.
-    return sorted(f for f in files if not any(p.startswith(".") for p in f.relative_to(folder).parts))
+    """Files under `folder`, sorted; hidden folders are not entered (dot files are partial downloads,
+    editor droppings and tool caches, not library content)."""
+    out: list[Path] = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [] if not recursive else [d for d in dirs if not d.startswith(".")]
+        out.extend(Path(root, f) for f in files if not f.startswith("."))
+    return sorted(out)
 
 
 def _durable_copy(src: Path, dest: Path, tmp_dir: Path) -> None:

@@ -12,7 +12,19 @@ from indexer.db import default_database_url
 
 logger = logging.getLogger(__name__)
 
-VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".webm", ".mov", ".avi", ".mpg", ".mpeg", ".m4v"})
+# Names that say "video": a folder scan hands these to FFmpeg unless their first bytes say otherwise (any other
+# file is taken when its bytes look like a video container, `model.formats`). Stored copies keep these suffixes.
+VIDEO_EXTENSIONS = frozenset(
+    ".mp4 .m4v .mkv .webm .mov .qt .avi .divx .mpg .mpeg .mpe .m1v .m2v .vob .mod .tod .vro .ts .mts .m2ts "
+    ".m2t .tp .trp .3gp .3g2 .wmv .asf .flv .f4v .mxf .ogv .ogm .rm .rmvb .dv .nut .ivf .y4m .h264 .264 "
+    ".h265 .265 .hevc .amv .insv".split()
+)
+# Files that sit beside videos (subtitles, camera thumbnails and proxies, photo edits, disc structure):
+# skipped by a folder scan without being opened. GoPro .lrv and DJI .lrf are low-resolution copies of a
+# video that is indexed from its own file.
+SIDECAR_EXTENSIONS = frozenset(
+    ".srt .vtt .ass .ssa .sub .idx .sup .xmp .thm .lrv .lrf .aae .nfo .ifo .bup .cpi .mpl .bdm .clpi .mpls".split()
+)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 

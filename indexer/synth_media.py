@@ -72,12 +72,15 @@ def write_pattern_video(
     bframes: int = 3,
     rotation: int = 0,
     faststart: bool = False,
+    container_format: str | None = None,
+    container_options: dict[str, str] | None = None,
 ) -> Path:
     """A textured pattern drifting across the frame; quick to write (ultrafast) even at 1080p.
 
     With libx264, `bframes` B-frames are used in every mini-GOP (x264's default count, forced on,
     since x264 would pick few for such uniform motion); `bframes=0` gives a P-only stream.
-    `rotation` stores a display rotation (counter-clockwise degrees), as phones do.
+    `rotation` stores a display rotation (counter-clockwise degrees), as phones do. The container is
+    guessed from the suffix unless `container_format` names it (with `container_options` for its muxer).
     """
     if width % 2 or height % 2 or width < 2 or height < 2:
         raise ValueError(f"width and height must be even and >= 2 for {pix_fmt}, got {width}x{height}")
@@ -92,10 +95,11 @@ def write_pattern_video(
         }
     path = Path(path)
     container_opts = {"movflags": "+faststart"} if faststart and path.suffix in {".mp4", ".mov"} else {}
+    container_opts |= container_options or {}
     yy, xx = np.mgrid[0 : 2 * height, 0 : 2 * width]
     luma = ((xx // 24 + yy // 24) % 2 * 96 + 40 + (xx * 96) // (2 * width)).astype(np.uint8)
     chroma = (128 + 60 * np.sin(xx[::2, ::2] / 37.0) * np.cos(yy[::2, ::2] / 53.0)).astype(np.uint8)
-    with av.open(str(path), "w", options=container_opts) as container:
+    with av.open(str(path), "w", format=container_format, options=container_opts) as container:
         stream = _add_video_stream(container, codec, width, height, fps, pix_fmt, gop, options)
         if rotation:
             stream.set_display_rotation(rotation)
@@ -136,13 +140,48 @@ def write_hostile_files(directory: str | Path) -> dict[str, Path]:
     out["text"] = d / "text.mp4"
     out["text"].write_text("this is a text file, not a video\n" * 20)
     out["audio_only"] = d / "audio_only.mp4"
-    _write_tone(out["audio_only"])
+    write_tone(out["audio_only"])
     out["png"] = d / "png.mp4"
     out["png"].write_bytes(_png_bytes())
     return out
 
 
-def _write_tone(path: Path, seconds: float = 1.0, rate: int = 16_000) -> None:
+# File name -> (muxer, encoder, frame rate, muxer options): the containers cameras, phones, discs and old
+# desktop tools write, each with an encoder FFmpeg builds have. MXF and VOB want a broadcast frame rate;
+# AVCHD and Blu-ray transport streams have 192-byte packets.
+FORMAT_SAMPLES: dict[str, tuple[str, str, int, dict[str, str]]] = {
+    "broadcast.ts": ("mpegts", "libx264", 8, {}),
+    "camcorder.mts": ("mpegts", "libx264", 8, {"mpegts_m2ts_mode": "1"}),
+    "bluray.m2ts": ("mpegts", "libx264", 8, {"mpegts_m2ts_mode": "1"}),
+    "phone.3gp": ("3gp", "mpeg4", 8, {}),
+    "flash.flv": ("flv", "flv", 8, {}),
+    "desktop.wmv": ("asf", "wmv2", 8, {}),
+    "studio.mxf": ("mxf", "mpeg2video", 25, {}),
+    "disc.vob": ("vob", "mpeg2video", 25, {}),
+}
+
+
+def write_format_samples(directory: str | Path, seconds: float = 1.0) -> dict[str, Path]:
+    """One small clip per container of FORMAT_SAMPLES, plus an mp4 renamed `.dat` and one without a suffix.
+
+    Keys are the file names; every file is a video FFmpeg decodes, whatever its name says.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+    for n, (name, (fmt, codec, fps, opts)) in enumerate(FORMAT_SAMPLES.items()):
+        out[name] = write_pattern_video(
+            d / name, seconds + 0.125 * n, 64, 48, fps, gop=fps, codec=codec,
+            container_format=fmt, container_options=opts,
+        )  # fmt: skip
+    for n, name in enumerate(("renamed.dat", "no_suffix")):
+        tmp = write_pattern_video(d / f"{name}.tmp.mp4", seconds + 0.1 * (n + 1), 64, 48, 8, gop=8)
+        out[name] = tmp.rename(d / name)
+    return out
+
+
+def write_tone(path: Path, seconds: float = 1.0, rate: int = 16_000) -> None:
+    """An mp4 with one 440 Hz audio track and no video."""
     with av.open(str(path), "w", format="mp4") as container:
         stream = container.add_stream("aac", rate=rate)
         samples = np.sin(2 * np.pi * 440 * np.arange(int(seconds * rate)) / rate).astype(np.float32)

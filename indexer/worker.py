@@ -22,13 +22,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from indexer import catalog, jobs
 from indexer.catalog import Job
 from indexer.db import session_scope, utcnow
-from indexer.ingest import IngestError, StoreMode, discover, ingest_file
+from indexer.ingest import IngestError, StoreMode, ingest_file, scan
 from indexer.live_index import IndexMismatchError, register_model, save_snapshot
 from indexer.paths import DataDir
 from indexer.pipeline import Encoder, PipelineConfig, TaskResult, VideoTask, Writer, run_pipeline
 from indexer.token_store import TokenStore
+from model import video_io
 from model.openmp import release_openmp_threads
 from model.tokenbinder import TokenBinder
+from model.video_io import VideoDecodeError
 
 logger = logging.getLogger(__name__)
 
@@ -329,11 +331,19 @@ class BulkReport:
     already: int = 0  # videos that were indexed before (same bytes seen earlier)
     segments: int = 0
     failed: dict[str, str] = field(default_factory=dict)  # file (or video id) -> reason
+    skipped: dict[str, str] = field(default_factory=dict)  # add: file found in a folder -> why it is no video
     switched: bool = False  # reindex: the model became the active one
     seconds: float = 0.0
 
+    def skipped_by_reason(self) -> dict[str, int]:
+        """Reason -> how many files were skipped for it, most first."""
+        counts: dict[str, int] = {}
+        for reason in self.skipped.values():
+            counts[reason] = counts.get(reason, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"skipped_by_reason": self.skipped_by_reason()}
 
 
 _OPEN_STATES = ("queued", *jobs.ACTIVE_STATES)
@@ -367,14 +377,15 @@ def add_paths(
 ) -> BulkReport:
     """Ingest files (folders, globs) and index them in this process; re-running after a crash completes the run.
 
-    Indexing starts while later files are still being hashed. Returns what happened to each file.
+    Indexing starts while later files are still being hashed. Files found in folders that are not videos
+    FFmpeg can decode are skipped, each with the reason (`report.skipped`). Returns what happened to each file.
     """
     started = time.monotonic()
     register_model(session_factory, model, require_active=True)
-    files = discover(paths, recursive)
-    report = BulkReport(files=len(files))
+    found = scan(paths, recursive)
+    report = BulkReport(files=len(found.found) + len(found.skipped), skipped=found.skipped)
     if on_start is not None:
-        on_start(len(files))
+        on_start(len(found.found))
     # A short poll: the worker starts before the first job is queued and must not idle a second.
     worker = Worker(session_factory, data, model, poll_s=0.1, config=config, on_result=on_result)
     job_ids: list[int] = []
@@ -394,7 +405,13 @@ def add_paths(
     release_openmp_threads()
     thread.start()
     try:
-        for path in files:
+        for candidate in found.found:
+            path = candidate.path
+            if candidate.probe and (reason := _not_decodable(path)) is not None:
+                report.skipped[str(path)] = reason
+                if on_skip is not None:
+                    on_skip()
+                continue
             try:
                 result = ingest_file(
                     session_factory, data, path, model_id=model.model_id, mode=mode, max_attempts=max_attempts,
@@ -421,6 +438,26 @@ def add_paths(
     report.indexed -= report.already
     report.seconds = time.monotonic() - started
     return report
+
+
+def _not_decodable(path: Path) -> str | None:
+    """Why FFmpeg cannot use a file as a video, or None when it can."""
+    try:
+        video_io.probe(path)
+    except VideoDecodeError as e:
+        return skip_reason(e)
+    return None
+
+
+def skip_reason(error: VideoDecodeError) -> str:
+    """A short reason for a file FFmpeg rejected, the same for every file with the same fault."""
+    if error.reason == VideoDecodeError.NOT_A_VIDEO:
+        return f"not a video ({error.detail or 'FFmpeg cannot read it'})"
+    if error.reason == VideoDecodeError.NO_VIDEO_STREAM:
+        return "no video stream"
+    if error.reason in (VideoDecodeError.MISSING, VideoDecodeError.UNREADABLE):
+        return f"cannot read: {error.what}"
+    return f"cannot decode: {error.what}"
 
 
 def settle(

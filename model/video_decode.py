@@ -8,6 +8,8 @@ from pathlib import Path
 
 import av
 
+from model.formats import HEAD_BYTES, sniff
+
 logger = logging.getLogger(__name__)
 
 MAX_SIDE = 16384
@@ -16,9 +18,8 @@ MAX_ASPECT = 20.0
 # Frame threading pays off only on frames big enough to split the work; tiny clips decode faster alone.
 THREADED_MIN_PIXELS = 640 * 360
 IMAGE_FORMATS = {"image2", "image2pipe"}
-# Container signatures: a file that starts like a video but will not open is damaged, not foreign.
-_MAGIC_AT_4 = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip")
-_MAGIC_AT_0 = (b"\x1a\x45\xdf\xa3", b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3", b"FLV", b"OggS")
+# FFmpeg renders these text files (ANSI art, chosen by suffix: .bin, .txt, .nfo...) as "video": never a video.
+TEXT_ART_FORMATS = {"bin", "tty", "adf", "idf", "xbin"}
 
 
 class VideoDecodeError(Exception):
@@ -39,7 +40,7 @@ class VideoDecodeError(Exception):
         EMPTY: ("the file is empty (0 bytes)", "copy or upload it again"),
         NOT_A_VIDEO: (
             "it is not a video in a known format",
-            "use a video file (mp4, mkv, webm, mov, avi, mpg)",
+            "use a video file (mp4, mkv, webm, mov, avi, mpg, ts, m2ts, 3gp, wmv, flv, mxf…)",
         ),
         NO_VIDEO_STREAM: ("it has no video stream (audio only?)", "use a file that contains video"),
         CORRUPT: ("it is truncated or corrupt", "re-encode it or use a complete copy"),
@@ -50,9 +51,15 @@ class VideoDecodeError(Exception):
     def __init__(self, path: str | Path, reason: str, detail: str = "") -> None:
         self.path = str(path)
         self.reason = reason
+        self.detail = detail
         what, todo = self._TEXT.get(reason, ("it cannot be decoded", "re-encode it"))
         extra = f" ({detail})" if detail else ""
         super().__init__(f"cannot decode {self.path}: {what}{extra}; {todo}")
+
+    @property
+    def what(self) -> str:
+        """What is wrong, in a few words without the path ("it is truncated or corrupt")."""
+        return self._TEXT.get(self.reason, ("it cannot be decoded", ""))[0]
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,7 @@ def open_video(path: str | Path, threads: int = 0) -> tuple[av.container.InputCo
     try:
         size = p.stat().st_size
         with p.open("rb") as fh:
-            head = fh.read(16)
+            head = fh.read(HEAD_BYTES)
     except FileNotFoundError as e:
         raise VideoDecodeError(p, VideoDecodeError.MISSING) from e
     except OSError as e:
@@ -89,7 +96,8 @@ def open_video(path: str | Path, threads: int = 0) -> tuple[av.container.InputCo
     try:
         container = av.open(str(p), metadata_errors="ignore")
     except av.error.InvalidDataError as e:
-        damaged = head[4:8] in _MAGIC_AT_4 or head.startswith(_MAGIC_AT_0) or head[8:12] == b"AVI "
+        # A file that starts like a video container but will not open is damaged, not foreign.
+        damaged = sniff(head).format is not None
         reason = VideoDecodeError.CORRUPT if damaged else VideoDecodeError.NOT_A_VIDEO
         raise VideoDecodeError(p, reason, "FFmpeg cannot parse its container") from e
     except (av.error.FFmpegError, OSError) as e:
@@ -105,6 +113,8 @@ def _read_meta(p: Path, container: av.container.InputContainer, file_size: int, 
     fmt = container.format.name
     if fmt in IMAGE_FORMATS or fmt.endswith("_pipe"):
         raise VideoDecodeError(p, VideoDecodeError.NOT_A_VIDEO, f"it is a still image ({fmt})")
+    if fmt in TEXT_ART_FORMATS:
+        raise VideoDecodeError(p, VideoDecodeError.NOT_A_VIDEO, f"FFmpeg can show it only as text art: {fmt}")
     attached = av.stream.Disposition.attached_pic
     streams = [s for s in container.streams.video if not s.disposition & attached]
     if not streams:
@@ -171,7 +181,12 @@ def _scan_duration(p: Path, index: int, tb: float, start_s: float) -> float:
     """Duration from the last packet, for files whose header has none (e.g. browser-recorded WebM)."""
     end = 0.0
     with av.open(str(p), metadata_errors="ignore") as container:
-        for packet in container.demux(container.streams[index]):
-            if packet.pts is not None:
-                end = max(end, (packet.pts + (packet.duration or 0)) * tb - start_s)
+        try:
+            for packet in container.demux(container.streams[index]):
+                if packet.pts is not None:
+                    end = max(end, (packet.pts + (packet.duration or 0)) * tb - start_s)
+        except av.error.FFmpegError as e:
+            if not end > 0:
+                raise VideoDecodeError(p, VideoDecodeError.CORRUPT, f"no packet could be read: {e}") from e
+            logger.warning("%s: duration from the packets before a damaged one (%s)", p, e)
     return end

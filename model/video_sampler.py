@@ -123,6 +123,12 @@ class FrameSampler:
                 assert self._frames is not None
                 self._ahead = next(self._frames, None)
                 if self._ahead is None:
+                    if self._prev is None and t - back > 0 and back <= 60:
+                        # No frame at all after the seek: an unindexed format (MPEG-TS) can land past
+                        # the last keyframe. Step back, as for a late landing below.
+                        back = max(2 * back, 1.0)
+                        self._seek(t - back)
+                        continue
                     if self._prev is None:
                         raise VideoDecodeError(
                             self._container.name, VideoDecodeError.CORRUPT, f"no frame near {t:.2f} s"

@@ -180,6 +180,21 @@ def test_odd_filenames_are_display_only(api, client, good_clip, filename, title)
     assert not Path("/tmp/evil.mp4").exists()
 
 
+@pytest.mark.parametrize("filename", ["page.mts", "page.html", "page"])
+def test_a_page_uploaded_as_a_video_is_never_served_as_a_page(api, client, filename) -> None:
+    # A known video suffix (.mts) is kept on the stored copy, others become .bin; either way the type
+    # served comes from the bytes, which are no video container: never text/html, whatever the name.
+    page = f"<html><script>alert(document.cookie)</script>{filename}</html>".encode() * 20
+    r = send(client, page, filename)
+    assert r.status_code == 202, r.text
+    job = api.wait_job(client, r.json()["job_id"], FAIL_WITHIN_S)
+    assert job["state"] == "failed" and "not a video" in job["error"], job
+    media = client.get(f"/videos/{r.json()['video_id']}/media")
+    assert media.status_code == 200 and media.content == page
+    assert media.headers["content-type"] == "application/octet-stream"
+    assert media.headers["x-content-type-options"] == "nosniff"
+
+
 # --- malformed requests -------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "body",

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from indexer.synth_media import write_format_samples
+
 BOUNDARY = "tvs-test-boundary"
 
 
@@ -251,3 +253,32 @@ def test_media_supports_range_requests(service, clips, api):
         assert tail.status_code == 206 and tail.content == data[-50:]
         bad = client.get(f"/videos/{video_id}/media", headers={"Range": f"bytes={len(data) + 10}-"})
         assert bad.status_code == 416
+
+
+def test_media_is_served_as_its_container_whatever_its_name(service, api, tmp_path):
+    samples = write_format_samples(tmp_path / "samples")
+    expected = {
+        "camcorder.mts": "video/mp2t",
+        "desktop.wmv": "video/x-ms-asf",
+        "phone.3gp": "video/3gpp",
+        "no_suffix": "video/mp4",  # stored as .bin: an upload keeps only a known video suffix
+        "renamed.dat": "video/mp4",  # indexed in place under an allowed root
+    }
+    with service(allowed_roots=[str(tmp_path / "samples")]) as client:
+        accepted = {name: api.upload(client, samples[name]) for name in list(expected)[:4]}
+        accepted["renamed.dat"] = client.post("/videos", json={"path": str(samples["renamed.dat"])})
+        for name, r in accepted.items():
+            assert r.status_code == 202, (name, r.text)
+            assert api.wait_job(client, r.json()["job_id"])["state"] == "ready", name
+            media = client.get(f"/videos/{r.json()['video_id']}/media")
+            assert media.status_code == 200 and media.content == samples[name].read_bytes()
+            assert media.headers["content-type"] == expected[name], name
+        # A library file that is no video is served as bytes, not as the type its name suggests.
+        page = tmp_path / "samples" / "page.html"
+        page.write_text("<html><script>alert(document.cookie)</script></html>\n" * 20)
+        r = client.post("/videos", json={"path": str(page)})
+        assert r.status_code == 202 and api.wait_job(client, r.json()["job_id"])["state"] == "failed"
+        media = client.get(f"/videos/{r.json()['video_id']}/media")
+        assert media.status_code == 200 and media.headers["content-type"] == "application/octet-stream"
+    stored = sorted(p.suffix for p in (tmp_path / "data" / "videos").rglob("*") if p.is_file())
+    assert stored == [".3gp", ".bin", ".mts", ".wmv"]

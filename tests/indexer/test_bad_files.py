@@ -10,13 +10,17 @@ import pytest
 from indexer.cli import main
 from indexer.synth import write_hostile_files, write_pattern_video
 
-REASONS = {
+# Named as videos and looking like one: taken in, and reported as failed (exit 1) when they do not decode.
+FAILED = {
     "truncated": "truncated or corrupt",
     "truncated_faststart": "truncated or corrupt",
-    "zero_byte": "empty (0 bytes)",
-    "text": "not a video",
     "audio_only": "no video stream",
-    "png": "not a video",
+}
+# Named as videos, but their first bytes say otherwise: skipped without opening them in FFmpeg.
+SKIPPED = {
+    "zero_byte": "empty file",
+    "text": "not a video (text/plain)",
+    "png": "not a video (image/png)",
 }
 
 
@@ -25,7 +29,7 @@ def test_bad_files_are_reported_and_good_ones_indexed(
 ) -> None:
     lib = tmp_path / "lib"
     hostile = write_hostile_files(lib / "broken")
-    assert set(hostile) == set(REASONS)
+    assert set(hostile) == set(FAILED) | set(SKIPPED)
     for i in range(3):
         write_pattern_video(lib / f"good{i}.mp4", 1.0 + 0.25 * i, 64, 48, 8, gop=8)
     base = ["--data-dir", str(tmp_path / "data"), "--model", "tiny"]
@@ -38,9 +42,10 @@ def test_bad_files_are_reported_and_good_ones_indexed(
         assert report["files"] == 3 + len(hostile)
         assert (report["indexed"], report["already"]) == ((3, 0) if attempt == 0 else (0, 3))
         failed = {Path(path).stem: reason for path, reason in report["failed"].items()}
-        assert set(failed) == set(REASONS)
+        assert set(failed) == set(FAILED)
         for key, reason in failed.items():
-            assert REASONS[key] in reason and str(hostile[key]) in reason, (key, reason)
+            assert FAILED[key] in reason and str(hostile[key]) in reason, (key, reason)
+        assert report["skipped"] == {str(hostile[key]): reason for key, reason in SKIPPED.items()}
 
     capsys.readouterr()
     assert main(["add", *base, str(lib / "good0.mp4"), str(hostile["text"])]) == 1

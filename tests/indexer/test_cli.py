@@ -7,12 +7,14 @@ from pathlib import Path
 
 import faiss
 import pytest
+from PIL import Image
 
 from indexer.cli import build_parser, main
 from indexer.db import make_engine, make_session_factory
 from indexer.live_index import open_for_model
 from indexer.paths import DataDir
 from indexer.synth import write_pattern_video
+from indexer.synth_media import write_format_samples, write_tone
 from model.checkpoint import load_model, save_checkpoint
 
 COMMANDS = ["migrate", "add", "worker", "reindex", "rebuild-index", "verify", "stats", "rm", "synth"]
@@ -87,6 +89,41 @@ def test_a_library_from_add_to_rm(cli, tmp_path: Path) -> None:
 
     code, _, err = cli("add", str(tmp_path / "nowhere"))
     assert code == 2 and "no such file" in err
+
+
+def test_add_indexes_every_container_ffmpeg_reads_and_lists_what_it_skipped(cli, tmp_path: Path) -> None:
+    lib = tmp_path / "lib"
+    videos = write_format_samples(lib / "camera")
+    Image.new("RGB", (32, 24), (200, 120, 40)).save(lib / "photo.jpg", format="JPEG")
+    (lib / "notes.txt").write_text("shot list: beach, harbour\n")
+    (lib / "camera" / "0001.srt").write_text("1\n00:00:00,000 --> 00:00:01,000\nhello\n")
+    (lib / ".partial.mp4").write_bytes(b"hidden files are not looked at")
+    whole = write_pattern_video(tmp_path / "whole.mp4", 2.0, 64, 48, 8, gop=8)
+    (lib / "cut.dat").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    write_tone(lib / "memo.rec")
+    skipped = {
+        "photo.jpg": "not a video (image/jpeg)",
+        "notes.txt": "not a video (text/plain)",
+        "0001.srt": "sidecar file (.srt)",
+        "cut.dat": "cannot decode: it is truncated or corrupt",
+        "memo.rec": "no video stream",
+    }
+
+    code, out, _ = cli("add", str(lib), "--json")
+    report = json.loads(out)
+    assert (code, report["files"], report["failed"]) == (0, len(videos) + len(skipped), {}), report
+    assert (report["indexed"], report["segments"]) == (len(videos), len(videos))
+    assert {Path(p).name: why for p, why in report["skipped"].items()} == skipped
+    assert sum(report["skipped_by_reason"].values()) == len(skipped)
+    code, out, _ = cli("stats", "--json")
+    assert json.loads(out)["videos"]["ready"] == len(videos) and json.loads(out)["videos"]["failed"] == 0
+
+    code, out, _ = cli("add", str(lib))
+    assert code == 0 and f"{len(videos)} already indexed, 0 failed, {len(skipped)} skipped" in out
+    assert "1 not a video (image/jpeg)" in out and "1 no video stream" in out and str(lib) not in out
+    code, out, _ = cli("add", str(lib), "--verbose")
+    for name, why in skipped.items():
+        assert f"{next(lib.rglob(name))}: {why}" in out
 
 
 def test_verify_repair_reencodes_and_reindex_switches_models(cli, tmp_path: Path) -> None:

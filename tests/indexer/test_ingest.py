@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from indexer import catalog
 from indexer.catalog import Change, Job, Segment, Video
 from indexer.db import make_engine, make_session_factory, session_scope
-from indexer.ingest import IngestError, delete_video, discover, ingest_file, sha256_file
+from indexer.ingest import IngestError, delete_video, discover, ingest_file, scan, sha256_file
 from indexer.paths import DataDir
 from indexer.synth import write_pattern_video
 from indexer.token_store import TokenStore
@@ -109,6 +109,7 @@ def test_a_missing_file_is_refused_with_a_reason(
 
 def test_discover_files_folders_and_globs(tmp_path: Path) -> None:
     lib = tmp_path / "lib"
+    mp4_head = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2"
     for rel in [
         "a.mp4",
         "b.MKV",
@@ -119,7 +120,7 @@ def test_discover_files_folders_and_globs(tmp_path: Path) -> None:
         "sub/.f.mp4",
     ]:
         (lib / rel).parent.mkdir(parents=True, exist_ok=True)
-        (lib / rel).write_bytes(b"x")
+        (lib / rel).write_bytes(mp4_head if rel != "notes.txt" else b"a shot list\n")
     names = lambda paths: sorted(p.name for p in paths)  # noqa: E731
     assert names(discover([lib])) == ["a.mp4", "b.MKV", "c.webm", "d.mov"]
     assert names(discover([lib], recursive=False)) == ["a.mp4", "b.MKV"]
@@ -134,6 +135,40 @@ def test_discover_files_folders_and_globs(tmp_path: Path) -> None:
     ]
     with pytest.raises(FileNotFoundError, match="no such file"):
         discover([tmp_path / "missing"])
+
+
+def test_a_scan_takes_videos_by_content_and_says_why_it_skips_the_rest(tmp_path: Path) -> None:
+    lib = tmp_path / "lib"
+    (lib / "cam").mkdir(parents=True)
+    mp4_head = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2"
+    files = {
+        "cam/0001.MTS": bytes([0x47]) + bytes(187) + bytes([0x47]) + bytes(187) + bytes([0x47]) + bytes(200),
+        "cam/0001.THM": b"\xff\xd8\xff\xe0",  # a camera's thumbnail: skipped unread
+        "renamed.dat": mp4_head,
+        "no_suffix": mp4_head,
+        "photo.jpg": b"\xff\xd8\xff\xe0\x00\x10JFIF",
+        "named.mp4": b"\xff\xd8\xff\xe0\x00\x10JFIF",  # a photo with a video's name
+        "odd.mp4": bytes(range(256)),  # an unknown signature with a video's name: FFmpeg decides
+        "blob.bin": bytes(range(256)),
+        "empty.mov": b"",
+        ".git/objects/ab": mp4_head,  # hidden folders are not entered
+    }
+    for rel, data in files.items():
+        (lib / rel).parent.mkdir(parents=True, exist_ok=True)
+        (lib / rel).write_bytes(data)
+    found = scan([lib])
+    by_name = {f.path.name: f.probe for f in found.found}
+    # Only the files whose name does not say "video" are checked with FFmpeg before they are taken.
+    assert by_name == {"0001.MTS": False, "renamed.dat": True, "no_suffix": True, "odd.mp4": False}
+    assert {Path(p).name: why for p, why in found.skipped.items()} == {
+        "0001.THM": "sidecar file (.thm)",
+        "photo.jpg": "not a video (image/jpeg)",
+        "named.mp4": "not a video (image/jpeg)",
+        "blob.bin": "not a video (unknown format)",
+        "empty.mov": "empty file",
+    }
+    # Named explicitly, a file is taken as it is.
+    assert [(f.path.name, f.probe) for f in scan([lib / "photo.jpg"]).found] == [("photo.jpg", False)]
 
 
 def test_delete_video_vanishes_then_frees_its_files(

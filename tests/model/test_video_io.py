@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from indexer.synth import write_hostile_files, write_pattern_video
-from indexer.synth_media import encode_frames
+from indexer.synth_media import FORMAT_SAMPLES, encode_frames, write_format_samples
 from model.video_io import (
     VideoDecodeError,
     decord_get_batch,
@@ -184,6 +184,35 @@ def test_common_containers_decode(tmp_path: Path, suffix: str, codec: str) -> No
     assert len({f.tobytes() for f in frames}) == 8  # the pattern moves: distinct frames, not one repeated
 
 
+@pytest.fixture(scope="module")
+def format_samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_format_samples(tmp_path_factory.mktemp("formats"))
+
+
+@pytest.mark.parametrize("name", sorted(FORMAT_SAMPLES) + ["renamed.dat", "no_suffix"])
+def test_camera_disc_and_legacy_containers_sample_the_frame_shown(
+    format_samples: dict[str, Path], name: str
+) -> None:
+    # Each sampled frame is the one a plain decode from the start shows at its time. A transport stream
+    # with one keyframe used to fail: the first seek landed past it and no frame followed.
+    path = format_samples[name]
+    info = probe(path)
+    assert (info.width, info.height) == (64, 48) and info.duration_s > 0.9
+    [segment] = list(iter_segment_frames(path, [(0.0, info.duration_s)], 6, 24))
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        tb, start = float(stream.time_base), float(stream.start_time or 0) * float(stream.time_base)
+        decoded = [(f.pts * tb - start, f) for f in container.decode(stream)]
+        ref = []
+        for t in segment.frame_times:
+            frame = [f for when, f in decoded if when <= t + 1e-6][-1]
+            rgb = frame.reformat(width=32, height=24, format="rgb24", interpolation="BICUBIC").to_ndarray()
+            ref.append(rgb[:, 4:28])
+    diff = np.abs(segment.frames.astype(np.int16) - np.stack(ref)).mean(axis=(1, 2, 3))
+    assert diff.max() < 1.0, diff
+    assert len({f.tobytes() for f in segment.frames}) == 6
+
+
 def test_browser_style_webm_without_duration_or_cues(tmp_path: Path) -> None:
     path = tmp_path / "recorded.webm"
     with av.open(str(path), "w", format="webm", options={"live": "1"}) as container:
@@ -270,6 +299,16 @@ def test_hostile_file_raises_with_reason(hostile: dict[str, Path], key: str) -> 
             call()
         assert info.value.reason == HOSTILE_REASONS[key]
         assert info.value.path == str(hostile[key]) and str(hostile[key]) in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["upload.bin", "notes.txt", "readme.nfo", "no_suffix"])
+def test_text_is_not_a_video_whatever_its_suffix(tmp_path: Path, name: str) -> None:
+    # FFmpeg opens .bin, .txt and .nfo files as ANSI-art "video"; a stored upload of unknown type is .bin.
+    path = tmp_path / name
+    path.write_text("<html><script>alert(document.cookie)</script>page</html>" * 20)
+    with pytest.raises(VideoDecodeError) as info:
+        probe(path)
+    assert info.value.reason == VideoDecodeError.NOT_A_VIDEO, info.value
 
 
 def test_missing_file_and_absurd_dimensions(tmp_path: Path) -> None:
