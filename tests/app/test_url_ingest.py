@@ -73,7 +73,8 @@ def server(clips) -> Iterator[str]:
 def fetching(request, new_database, launch, tmp_path_factory) -> Iterator[tuple[TestClient, Path]]:
     """One app per backend allowed to fetch from the local server, with tight limits to hit."""
     folder = tmp_path_factory.mktemp("fetching")
-    limits = dict(url_timeout_s=0.5, url_max_redirects=3, max_upload_bytes=1_000_000)
+    # 1.5 s leaves a loaded machine room to answer the quick routes; /slow.mp4 sleeps 3 s, past it.
+    limits = dict(url_timeout_s=1.5, url_max_redirects=3, max_upload_bytes=1_000_000)
     with launch(folder / "data", new_database(request.param), allow_private_urls=True, **limits) as client:
         yield client, folder / "data"
 
