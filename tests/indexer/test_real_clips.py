@@ -38,7 +38,12 @@ def test_every_real_clip_is_indexed_faithfully(
     # Windows of 4 s beyond 6 s give the longer clips several segments, so times are checked too.
     config = PipelineConfig(max_segment_s=6.0, window_s=4.0)
     report = add_paths(factory, data, model, [CLIPS], config=config)
-    assert report.failed == {} and report.indexed == report.files == len(manifest)
+    assert report.failed == {} and report.indexed == len(manifest)
+    # The folder's one other file is named with its reason, not indexed and not silently dropped.
+    assert {Path(path).name: why for path, why in report.skipped.items()} == {
+        "manifest.jsonl": "not a video (text/plain)"
+    }
+    assert report.files == len(manifest) + 1
 
     with session_scope(factory) as session:
         videos, _ = catalog.list_videos(session, limit=1000)
