@@ -64,6 +64,20 @@ class Signature:
         return self.mime != OCTET_STREAM
 
 
+# Containers told by a fixed prefix alone (the others need a closer look below).
+_PREFIXES = (
+    (_ASF_GUID, Signature("asf", "video/x-ms-asf")),
+    (b"FLV\x01", Signature("flv", "video/x-flv")),
+    (_MXF_KEY, Signature("mxf", "application/mxf")),
+    (b"\x00\x00\x01\xba", Signature("mpeg", "video/mpeg")),
+    (b"\x00\x00\x01\xb3", Signature("mpegvideo", "video/mpeg")),
+    (b".RMF", Signature("rm", "application/vnd.rn-realmedia")),
+    (b"DKIF", Signature("ivf", "video/x-ivf")),
+    (b"YUV4MPEG2", Signature("yuv4mpegpipe", "video/x-yuv4mpeg")),
+    (b"nut/multimedia container", Signature("nut", "video/x-nut")),
+)
+
+
 def read_head(path: str | Path, size: int = HEAD_BYTES) -> bytes:
     """The first `size` bytes of a file; raises OSError."""
     with open(path, "rb") as f:
@@ -118,29 +132,14 @@ def _video_signature(head: bytes) -> Signature | None:
         return Signature("matroska,webm", "video/webm" if b"webm" in head[:64] else "video/x-matroska")
     if head[:4] == b"RIFF" and head[8:12] in (b"AVI ", b"AVIX", b"AMV "):
         return Signature("avi", "video/x-msvideo")
-    if head.startswith(_ASF_GUID):
-        return Signature("asf", "video/x-ms-asf")
-    if head.startswith(b"FLV\x01"):
-        return Signature("flv", "video/x-flv")
-    if head.startswith(_MXF_KEY):
-        return Signature("mxf", "application/mxf")
-    if head.startswith(b"\x00\x00\x01\xba"):
-        return Signature("mpeg", "video/mpeg")
-    if head.startswith(b"\x00\x00\x01\xb3"):
-        return Signature("mpegvideo", "video/mpeg")
+    for prefix, signature in _PREFIXES:
+        if head.startswith(prefix):
+            return signature
     if head.startswith(b"OggS"):
         # Every stream's first page comes first; an Ogg with only Vorbis, Opus or FLAC is audio.
         audio = any(tag in head for tag in (b"\x01vorbis", b"OpusHead", b"\x7fFLAC"))
         video = any(tag in head for tag in (b"\x80theora", b"\x01video", b"OVP80"))
         return Signature("ogg", "video/ogg") if video or not audio else Signature(None, "audio/ogg")
-    if head.startswith(b".RMF"):
-        return Signature("rm", "application/vnd.rn-realmedia")
-    if head.startswith(b"DKIF"):
-        return Signature("ivf", "video/x-ivf")
-    if head.startswith(b"YUV4MPEG2"):
-        return Signature("yuv4mpegpipe", "video/x-yuv4mpeg")
-    if head.startswith(b"nut/multimedia container"):
-        return Signature("nut", "video/x-nut")
     if head.startswith(b"\x00\x00\x00\x01") and len(head) > 4:
         nal = head[4]
         if nal & 0x1F in (6, 7, 9) and nal < 0x80:
