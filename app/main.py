@@ -17,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import exc as sa_exc
 from starlette.concurrency import run_in_threadpool
 
+from app.allow_header import method_not_allowed
 from app.metrics import Metrics, RequestMetricsMiddleware
 from app.routes import demo, jobs, search, system, videos
 from app.security import API_KEY_HEADER, BodyLimitMiddleware, SecurityHeadersMiddleware
@@ -111,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.services = None
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(status.HTTP_405_METHOD_NOT_ALLOWED, method_not_allowed)
     for error in DATABASE_UNAVAILABLE:
         app.add_exception_handler(error, _database_unavailable)
     for module in (search, videos, jobs, system, demo):

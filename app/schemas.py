@@ -4,15 +4,41 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 logger = logging.getLogger(__name__)
 
 MAX_QUERY_CHARS = 1000
 MAX_TITLE_CHARS = 500
 MAX_FILTER_VIDEO_IDS = 1000
+
+
+def _date_text(value: Any) -> Any:
+    # pydantic would read a bare number as a Unix time; the schema promises a date or date-time string.
+    if isinstance(value, int | float):
+        raise ValueError("give a date or date-time as text, e.g. 2024-05-01 or 2024-05-01T12:00:00Z")
+    return value
+
+
+# A date-time (RFC 3339) or a date (midnight UTC), as text.
+DateTimeText = Annotated[
+    datetime,
+    BeforeValidator(_date_text),
+    WithJsonSchema(
+        {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "string", "format": "date"}]}
+    ),
+]
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -28,8 +54,12 @@ class SearchFilterIn(BaseModel):
     video_ids: list[int] | None = Field(default=None, max_length=MAX_FILTER_VIDEO_IDS)
     min_duration: float | None = Field(default=None, ge=0, description="seconds, inclusive")
     max_duration: float | None = Field(default=None, ge=0, description="seconds, inclusive")
-    created_after: datetime | None = Field(default=None, description="exclusive; UTC when no zone is given")
-    created_before: datetime | None = Field(default=None, description="exclusive; UTC when no zone is given")
+    created_after: DateTimeText | None = Field(
+        default=None, description="exclusive; UTC when no zone is given"
+    )
+    created_before: DateTimeText | None = Field(
+        default=None, description="exclusive; UTC when no zone is given"
+    )
 
     @field_validator("created_after", "created_before")
     @classmethod
@@ -50,9 +80,15 @@ class SearchFilterIn(BaseModel):
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    query: str = Field(description="what to look for, in plain words (1 to 1,000 characters)")
+    query: str = Field(
+        # At least one non-space character: the schema says what the validator below enforces (and words).
+        json_schema_extra={"pattern": r"\S"},
+        description="what to look for, in plain words (1 to 1,000 characters)",
+    )
     limit: int = Field(default=10, ge=1, le=100, description="how many results (1 to 100)")
-    rerank: bool = Field(default=True, description="apply the focused view to the broad view's top-k")
+    rerank: bool = Field(
+        default=True, strict=True, description="apply the focused view to the broad view's top-k"
+    )
     group_by: Literal["segment", "video"] = "segment"
     filter: SearchFilterIn | None = None
 
@@ -117,9 +153,25 @@ class SearchResponse(BaseModel):
 class IngestSourceIn(BaseModel):
     """JSON body of POST /videos: exactly one of `path` or `url`."""
 
-    model_config = ConfigDict(extra="forbid")
+    # The schema says "exactly one" too, so generated clients and fuzzers know both together are refused.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["path"], "properties": {"path": {"type": "string"}, "url": {"type": "null"}}},
+                {"required": ["url"], "properties": {"url": {"type": "string"}, "path": {"type": "null"}}},
+            ]
+        },
+    )
 
-    path: str | None = Field(default=None, min_length=1, max_length=4096)
+    path: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        # Absolute (or ~/...), no NUL byte: a relative path is refused by the schema, not later by the server.
+        pattern=r"^[/~][^\x00]*$",
+        description="an absolute file path (or ~/...) inside one of the server's TVS_ALLOWED_ROOTS",
+    )
     url: HttpUrl | None = None
     title: str | None = Field(default=None, max_length=MAX_TITLE_CHARS)
     meta: dict[str, Any] | None = None

@@ -156,7 +156,10 @@ class _MultipartReceiver:
 
     def _part_end(self) -> None:
         if self._part in TEXT_FIELDS:
-            self.fields[self._part] = self._buf.decode("utf-8", "replace")
+            try:
+                self.fields[self._part] = self._buf.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BadUploadError(f"form field {self._part!r} is not UTF-8 text (byte {e.start})") from e
 
     def _end(self) -> None:
         self.finished = True

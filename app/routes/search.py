@@ -19,7 +19,10 @@ router = APIRouter(tags=["search"])
 @router.post(
     "/search",
     response_model=SearchResponse,
-    responses={503: {"model": Problem, "description": "starting or shutting down"}},
+    responses={
+        400: {"model": Problem, "description": "the body is not JSON text (e.g. not valid UTF-8)"},
+        503: {"model": Problem, "description": "starting or shutting down"},
+    },
     summary="Find the moments that match a sentence",
 )
 async def search(body: SearchRequest, searcher: SearcherDep, metrics: MetricsDep) -> SearchResponse:

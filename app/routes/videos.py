@@ -52,6 +52,7 @@ _MULTIPART_SCHEMA = {
         "title": {"type": "string", "maxLength": 500},
         "meta": {"type": "string", "description": "a JSON object of your own metadata"},
     },
+    "additionalProperties": False,  # any other field is refused with 422, and the schema says so
 }
 _INGEST_BODY = {
     "requestBody": {
@@ -152,8 +153,12 @@ def delete_video(video_id: IdParam, ingestor: IngestorDep) -> DeleteResponse:
     "/videos/{video_id}/media",
     response_class=FileResponse,
     responses={
-        200: {"content": {"video/*": {}}},
-        206: {"description": "partial content (Range)"},
+        # The type comes from the probed container; a file whose container is not known is served as bytes.
+        200: {"content": {"video/*": {}, "application/octet-stream": {}}},
+        206: {
+            "description": "partial content (Range)",
+            "content": {"video/*": {}, "application/octet-stream": {}},
+        },
         **_problem(404, "no such video or file"),
         416: {"description": "range not satisfiable"},
     },

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import ipaddress
+import random
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import hypothesis
 import pytest
 import schemathesis
 from schemathesis.checks import not_a_server_error
+from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
@@ -59,10 +64,12 @@ def test_api_conforms_to_its_schema(fuzz_server: str) -> None:
     assert len(operations) >= 9
     statuses: dict[str, set[int]] = {}
     for operation in operations:
-
-        @hypothesis.given(case=operation.as_strategy())
+        # Schema-valid cases and schema-invalid ones: the happy paths and the refusals.
+        @hypothesis.given(
+            case=operation.as_strategy() | operation.as_strategy(generation_mode=GenerationMode.NEGATIVE)
+        )
         @hypothesis.settings(
-            max_examples=20,
+            max_examples=30,
             deadline=None,
             suppress_health_check=list(hypothesis.HealthCheck),
             derandomize=True,
@@ -77,3 +84,34 @@ def test_api_conforms_to_its_schema(fuzz_server: str) -> None:
     assert statuses["POST /search"] >= {200, 422}
     assert {202, 200} & statuses["POST /videos"] and 422 in statuses["POST /videos"]
     print(statuses)
+
+
+def _schemathesis_cli(base: str, seed: int, report: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            str(Path(sys.executable).with_name("schemathesis")),
+            f"--config-file={Path(__file__).with_name('schemathesis.toml')}",
+            "run",
+            f"{base}/openapi.json",
+            "--phases=examples,coverage,fuzzing,stateful",
+            "--max-examples=8",
+            f"--seed={seed}",
+            "--workers=1",
+            "--request-timeout=20",
+            "--suppress-health-check=all",
+            "--no-color",
+            f"--report-junit-path={report}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+
+
+@pytest.mark.parametrize("seed", [20261201, random.randrange(2**31)], ids=["fixed-seed", "random-seed"])
+def test_schemathesis_every_phase(fuzz_server: str, seed: int, tmp_path: Path) -> None:
+    # The outside fuzzer as a user runs it: every phase (examples, coverage, fuzzing, stateful) and every
+    # check (all are on by default; tests/app/schemathesis.toml turns two off where they cannot apply) over the
+    # whole API, bounded examples, a fixed seed and a fresh one (printed on failure).
+    done = _schemathesis_cli(fuzz_server, seed, tmp_path / "junit.xml")
+    assert done.returncode == 0, f"seed {seed}\n{done.stdout[-12000:]}\n{done.stderr[-3000:]}"
