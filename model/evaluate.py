@@ -15,7 +15,8 @@ import torch
 
 from model.data import ClipSet, FrameCache, Sample, default_cache_dir, prepare_clips
 from model.metrics import group_r1, retrieval_report, slot_spread, two_stage_ranks
-from model.tokenbinder import TextOutput, TokenBinder, VideoOutput
+from model.outputs import TextOutput, VideoOutput
+from model.tokenbinder import TokenBinder
 
 logger = logging.getLogger(__name__)
 

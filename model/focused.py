@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.outputs import FocusOutput
+
 logger = logging.getLogger(__name__)
 
 # Initial scale of the tied query/key projections (see CrossAttentionBlock); only initialisation uses it.
 ATTENTION_INIT_GAIN = 3.0
-
-
-@dataclass
-class FocusOutput:
-    delta: torch.Tensor  # [B, k] score corrections (0 for masked slots)
-    attention: torch.Tensor  # [B, Q, k, L] last block's attention, averaged over heads
 
 
 class CrossAttentionBlock(nn.Module):

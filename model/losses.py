@@ -1,17 +1,30 @@
-"""TokenBinder losses: symmetric InfoNCE on I_1 vs CLS plus focused-view cross-entropy over in-batch top-k."""
+"""TokenBinder losses: symmetric InfoNCE on I_1 vs CLS plus focused-view cross-entropy over in-batch top-k.
+
+Like open_clip's ClipLoss, the losses take tensors (the towers' outputs, the temperature) and know nothing of
+the model: the focused views come in through the small `FocusedViews` protocol.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from model.tokenbinder import TextOutput, TokenBinder, VideoOutput
+from model.outputs import FocusOutput, TextOutput, VideoOutput
 
 logger = logging.getLogger(__name__)
+
+
+class FocusedViews(Protocol):
+    """The two focused views the focus losses train (TokenBinder has them)."""
+
+    def rescore_videos(self, indicators: torch.Tensor, candidate_tokens: torch.Tensor) -> FocusOutput: ...
+
+    def rescore_texts(
+        self, frame_tokens: torch.Tensor, candidate_indicators: torch.Tensor
+    ) -> FocusOutput: ...
 
 
 def topk_with_truth(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,13 +75,22 @@ def grounding_loss(text: TextOutput, video: VideoOutput, scale: torch.Tensor) ->
 
 
 def tokenbinder_losses(
-    model: TokenBinder, text: TextOutput, video: VideoOutput, ground_weight: float = 0.0
+    views: FocusedViews,
+    text: TextOutput,
+    video: VideoOutput,
+    *,
+    scale: torch.Tensor,
+    top_k: int,
+    ground_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """Loss = (l_t2v + l_v2t)/2 + (l_focus_t + l_focus_v)/2 [+ ground_weight * l_ground], with its parts."""
-    scale = model.logit_scale
+    """Loss = (l_t2v + l_v2t)/2 + (l_focus_t + l_focus_v)/2 [+ ground_weight * l_ground], with its parts.
+
+    `scale` is the learned temperature (exp of logit_scale), `top_k` how many in-batch candidates the focused
+    views re-score together.
+    """
     l_t2v, l_v2t = contrastive_losses(text, video, scale)
     sim = text.i1 @ video.cls.T  # [B, B] broad view S'
-    k = min(model.config.top_k, sim.shape[0])
+    k = min(top_k, sim.shape[0])
 
     # The focus losses train the focused views only through their corrections: the broad scores and the
     # temperature enter them as constants. With gradients through `sim` the focus loss is a second, harder
@@ -76,13 +98,13 @@ def tokenbinder_losses(
     # gain cannot be told from a sharper broad view, and the loss falls without the view reading anything.
     fixed_scale, fixed_sim = scale.detach(), sim.detach()
     idx, target = topk_with_truth(fixed_sim, k)  # videos for each text
-    focus = model.rescore_videos(text.indicators, video.frame_tokens[idx])  # [B, k, T, D]
+    focus = views.rescore_videos(text.indicators, video.frame_tokens[idx])  # [B, k, T, D]
     logits = fixed_scale * (fixed_sim.gather(1, idx) + focus.delta)
     l_focus_t = F.cross_entropy(logits, target)
 
     sim_v = fixed_sim.T  # [B videos, B texts]
     idx_v, target_v = topk_with_truth(sim_v, k)
-    focus_v = model.rescore_texts(video.frame_tokens, text.indicators[idx_v])  # [B, k, m-1, D]
+    focus_v = views.rescore_texts(video.frame_tokens, text.indicators[idx_v])  # [B, k, m-1, D]
     logits_v = fixed_scale * (sim_v.gather(1, idx_v) + focus_v.delta)
     l_focus_v = F.cross_entropy(logits_v, target_v)
 

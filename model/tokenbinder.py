@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,25 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import TokenBinderConfig
-from model.focused import FocusedView, FocusOutput
+from model.focused import FocusedView
+from model.losses import tokenbinder_losses
+from model.outputs import FocusOutput, TextOutput, VideoOutput
 
 logger = logging.getLogger(__name__)
 
 # open_clip's OpenAI normalisation constants (every preset here uses them).
 _MEAN = (0.48145466, 0.4578275, 0.40821073)
 _STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass
-class TextOutput:
-    i1: torch.Tensor  # [B, D] normalised: the broad-view query vector
-    indicators: torch.Tensor  # [B, m-1, D] normalised: I_2..I_m, the focused-view queries
-
-
-@dataclass
-class VideoOutput:
-    frame_tokens: torch.Tensor  # [N, T, D] normalised per frame
-    cls: torch.Tensor  # [N, D] normalised temporal mean
 
 
 def build_clip(config: TokenBinderConfig) -> nn.Module:
@@ -192,11 +181,11 @@ class TokenBinder(nn.Module):
         self, ids: torch.Tensor, frames: torch.Tensor, ground_weight: float = 0.0
     ) -> dict[str, torch.Tensor]:
         """Training step for a batch of (caption, video) pairs: returns the named losses (see model.losses)."""
-        from model.losses import tokenbinder_losses
-
         text = self.encode_text(ids)
         video = self.encode_frames(frames)
         if self.gather is not None:
             text = TextOutput(self.gather(text.i1), self.gather(text.indicators))
             video = VideoOutput(self.gather(video.frame_tokens), self.gather(video.cls))
-        return tokenbinder_losses(self, text, video, ground_weight)
+        return tokenbinder_losses(
+            self, text, video, scale=self.logit_scale, top_k=self.config.top_k, ground_weight=ground_weight
+        )

@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from indexer.synth import generate_library
-from indexer.synth_media import write_hostile_files
 from model.checkpoint import build_model, load_model, save_checkpoint
 from model.config import preset_config
 from model.data import read_manifest
 from model.evaluate import evaluate, main, retrieval_metrics
-from model.tokenbinder import TextOutput, VideoOutput
+from model.outputs import TextOutput, VideoOutput
+from synth.generator import generate_library
+from synth.media import write_hostile_files
 
 KEYS = {"R@1", "R@5", "R@10", "MdR", "MnR"}
 

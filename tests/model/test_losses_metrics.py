@@ -77,7 +77,7 @@ def test_group_r1():
 
 
 def _outputs(frames: torch.Tensor, indicators: torch.Tensor):
-    from model.tokenbinder import TextOutput, VideoOutput
+    from model.outputs import TextOutput, VideoOutput
 
     cls = torch.nn.functional.normalize(frames.mean(dim=1), dim=-1)
     return TextOutput(cls, indicators), VideoOutput(frames, cls)
@@ -120,7 +120,7 @@ def test_the_focus_losses_do_not_train_the_broad_view():
     focused view, the gradient on I_1 and CLS is exactly the contrastive losses' own."""
     from model.checkpoint import load_model
     from model.losses import contrastive_losses, tokenbinder_losses
-    from model.tokenbinder import TextOutput, VideoOutput
+    from model.outputs import TextOutput, VideoOutput
 
     model = load_model("tiny")
     torch.manual_seed(0)
@@ -135,7 +135,7 @@ def test_the_focus_losses_do_not_train_the_broad_view():
         cls = frames.mean(dim=1).clone().requires_grad_(True)
         text, video = TextOutput(i1, ind), VideoOutput(frames, cls)
         if which == "all":
-            losses = tokenbinder_losses(model, text, video)
+            losses = tokenbinder_losses(model, text, video, scale=model.logit_scale, top_k=model.config.top_k)
             assert losses["focus_t2v"] > 0 and losses["focus_v2t"] > 0
             loss = losses["loss"]
         else:
