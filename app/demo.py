@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_DATA_DIR = Path("data/demo")
 LIBRARY_DIR = "library"  # under the data directory
 LIBRARY_STAMP = "synth.json"  # the generator's arguments, written after the library is complete
-# The demo model is trained on `python -m indexer.synth --families 420 --seed 0`: seed 7 draws clips
+# The demo model is trained on `python -m synth --families 420 --seed 0`: seed 7 draws clips
 # (colours, shapes, directions, backgrounds, caption templates) it never saw.
 DEMO_SEED = 7
 DEMO_FAMILIES = 8
@@ -60,7 +60,7 @@ def library_params(families: int, seed: int) -> dict[str, Any]:
 
 def ensure_library(library: Path, families: int, seed: int) -> bool:
     """Generate the sample library unless a complete one with the same arguments is there; True if written."""
-    from indexer.synth import generate_library
+    from synth.generator import generate_library
 
     params = library_params(families, seed)
     stamp = library / LIBRARY_STAMP

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.synth import write_pattern_video
 from model.video_io import decord_get_batch, iter_segment_frames, probe, sample_times, segment_windows
+from synth.generator import write_pattern_video
 
 logger = logging.getLogger(__name__)
 

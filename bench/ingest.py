@@ -19,12 +19,12 @@ import torch
 from indexer.db import make_engine, make_session_factory, upgrade_database
 from indexer.paths import DataDir
 from indexer.pipeline import Encoder, PipelineConfig, read_video
-from indexer.synth import write_pattern_video
 from indexer.worker import add_paths
 from model.checkpoint import load_model
 from model.inference import prepare_for_inference
 from model.tokenbinder import TokenBinder
 from model.video_io import decord_get_batch, iter_segment_frames, probe, sample_times, segment_windows
+from synth.generator import write_pattern_video
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from serving import start_uvicorn  # noqa: E402
 
-from indexer.synth_media import write_pattern_video  # noqa: E402
+from synth.media import write_pattern_video  # noqa: E402
 
 WORDS = "red blue green square circle moving left right fast slow bright dark stripes a the over".split()
 

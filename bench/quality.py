@@ -1,6 +1,6 @@
 """Retrieval quality on held-out data, for library variants that change what a model could overfit to.
 
-For each variant and seed: generate a library (indexer.synth) whose held-out families are never trained on,
+For each variant and seed: generate a library (synth.generator) whose held-out families are never trained on,
 train the demo model's recipe on its training families (`python -m model.train`, the flags of
 assets/demo-model/TRAINING.md at a smaller scale), evaluate on the held-out families
 (`python -m model.evaluate`), and record broad and two-stage R@1 in both directions with the focused view's
@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from indexer.synth import GeneratorVariant, generate_library
+from synth.generator import GeneratorVariant, generate_library
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -361,18 +361,6 @@ def cmd_rm(env: Env) -> int:
     return 1 if missing else 0
 
 
-def cmd_synth(env: Env) -> int:
-    from indexer.synth import generate_library
-
-    a = env.args
-    summary = generate_library(
-        a.out, a.families, a.seed, a.holdout, size=a.size, fps=a.fps, seconds=a.seconds, workers=a.workers
-    )
-    payload = vars(summary) if hasattr(summary, "__dict__") else {"summary": str(summary)}
-    env.emit(payload, f"wrote the sample library to {a.out}")
-    return 0
-
-
 # --- parser -----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -504,15 +492,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("stats", cmd_stats, "counts of videos, segments and jobs")
     p = add("rm", cmd_rm, "delete videos: gone from search at once, files freed after")
     p.add_argument("video_ids", nargs="+", type=int, metavar="VIDEO_ID")
-    p = add("synth", cmd_synth, "generate the sample video library (indexer.synth)")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--families", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--holdout", type=float, default=0.2)
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--fps", type=int, default=12)
-    p.add_argument("--seconds", type=float, default=3.0)
-    p.add_argument("--workers", type=int, default=2)
     return parser
 
 
@@ -544,8 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = DataDir(args.data_dir)
     env = Env(args, data, args.database_url or data.database_url)
     try:
-        if args.command != "synth":
-            data.ensure()
+        data.ensure()
         return int(args.fn(env))
     except Exception as e:
         if not isinstance(e, _expected_errors()):

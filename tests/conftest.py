@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from postgres_admin import admin_engine, postgres_admin_url
+from helpers.postgres import admin_engine, postgres_admin_url
 
 from indexer.db import upgrade_database
 

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -50,17 +50,11 @@ def bash_block(heading: str) -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Shell:
     """Runs README lines in the repository root, with the paths pointing into tmp_path."""
 
     def __init__(self, tmp_path: Path, videos: Path | None = None) -> None:
-        self.tmp_path, self.videos, self.port = tmp_path, videos, _free_port()
+        self.tmp_path, self.videos, self.port = tmp_path, videos, free_port()
         self.data = tmp_path / "data"
         env = {k: v for k, v in os.environ.items() if not k.startswith("TVS_")}  # the README's defaults
         # The tests' checkout first, should the environment's package be installed from another one.
@@ -145,7 +139,7 @@ def test_every_line_the_test_does_not_run_as_written_is_in_a_block() -> None:
 
 @pytest.mark.slow
 def test_using_your_own_videos(tmp_path: Path) -> None:
-    from indexer.synth import generate_library
+    from synth.generator import generate_library
 
     videos = tmp_path / "Videos"
     summary = generate_library(videos, families=1, seed=3, holdout=0.0, size=32, seconds=1.0, workers=1)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from postgres_admin import BACKENDS, create_postgres_database, drop_postgres_database
+from helpers.postgres import BACKENDS, create_postgres_database, drop_postgres_database
 from sqlalchemy import create_engine, pool
 from sqlalchemy.engine import make_url
 
@@ -91,7 +91,7 @@ def db_url(request: pytest.FixtureRequest, new_database: Callable[[str], str]) -
 @pytest.fixture(scope="session")
 def clips(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Two generated families (12 small clips): manifest lines with an absolute `path`."""
-    from indexer.synth import generate_library
+    from synth.generator import generate_library
 
     out = tmp_path_factory.mktemp("clips")
     summary = generate_library(out, families=2, seed=11, holdout=0.5, size=64, workers=1)
@@ -101,7 +101,7 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="session")
 def hostile(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from indexer.synth_media import write_hostile_files
+    from synth.media import write_hostile_files
 
     return write_hostile_files(tmp_path_factory.mktemp("hostile"))
 

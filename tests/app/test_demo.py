@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from helpers.ports import free_port
 
 from app.demo import DemoError, choose_examples, prepare, read_manifest, resolve_model
 from app.settings import DEMO_MODEL_DIR
@@ -85,15 +85,9 @@ def test_a_missing_demo_model_is_reported_with_what_to_do(tmp_path, monkeypatch)
     assert resolve_model("tiny") == "tiny"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_demo_script_prints_the_url_serves_and_stops_on_ctrl_c(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "VENV": str(Path(sys.executable).parent.parent),

@@ -9,7 +9,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,24 +19,19 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers.ports import free_port
 from sqlalchemy import func, select
 
 from indexer.catalog import Job
 from indexer.cli import main as indexer_main
 from indexer.db import make_engine
 from indexer.jobs import ACTIVE_STATES
-from indexer.synth_media import write_pattern_video
+from synth.media import write_pattern_video
 
 FORK_SERVER = Path(__file__).with_name("fork_server.py")
 TRIALS = 20
 SEED = 20251127
 READY_TIMEOUT_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Procs:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from indexer.synth_media import write_hostile_files, write_pattern_video
+from synth.media import write_hostile_files, write_pattern_video
 
 FAIL_WITHIN_S = 60.0
 BOUNDARY = "hostile-boundary"

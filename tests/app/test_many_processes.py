@@ -15,15 +15,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers.processes import start_api, start_worker, stop, wait_ready
 from sqlalchemy import func, select
-from subprocs import start_api, start_worker, stop, wait_ready
 
 from indexer import jobs
 from indexer.catalog import Job, Segment, Video
 from indexer.cli import main
 from indexer.db import make_engine, make_session_factory, session_scope
-from indexer.synth import write_pattern_video
 from model.video_io import segment_windows
+from synth.generator import write_pattern_video
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from indexer.synth_media import write_pattern_video
+from synth.media import write_pattern_video
 
 TOP_K = 4  # the tiny preset's k
 

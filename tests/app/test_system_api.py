@@ -9,7 +9,7 @@ from pathlib import Path
 import faiss
 import pytest
 from fastapi.testclient import TestClient
-from postgres_admin import create_postgres_database, drop_postgres_database
+from helpers.postgres import create_postgres_database, drop_postgres_database
 from pydantic import ValidationError
 
 from app.main import create_app

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from subprocs import start_api, stop, wait_ready
+from helpers.processes import start_api, stop, wait_ready
 
 pytestmark = pytest.mark.postgres
 VISIBLE_WITHIN_S = 2.0

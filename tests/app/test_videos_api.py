@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from indexer.synth_media import write_format_samples
+from synth.media import write_format_samples
 
 BOUNDARY = "tvs-test-boundary"
 

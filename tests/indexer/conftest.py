@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from postgres_admin import BACKENDS, create_postgres_database, drop_postgres_database
+from helpers.postgres import BACKENDS, create_postgres_database, drop_postgres_database
 from sqlalchemy import Engine, create_engine, pool, text
 from sqlalchemy.orm import Session, sessionmaker
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from indexer.cli import main
-from indexer.synth import write_hostile_files, write_pattern_video
+from synth.generator import write_hostile_files, write_pattern_video
 
 # Named as videos and looking like one: taken in, and reported as failed (exit 1) when they do not decode.
 FAILED = {

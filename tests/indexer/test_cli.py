@@ -13,11 +13,11 @@ from indexer.cli import build_parser, main
 from indexer.db import make_engine, make_session_factory
 from indexer.live_index import open_for_model
 from indexer.paths import DataDir
-from indexer.synth import write_pattern_video
-from indexer.synth_media import write_format_samples, write_tone
 from model.checkpoint import load_model, save_checkpoint
+from synth.generator import write_pattern_video
+from synth.media import write_format_samples, write_tone
 
-COMMANDS = ["migrate", "add", "worker", "reindex", "rebuild-index", "verify", "stats", "rm", "synth"]
+COMMANDS = ["migrate", "add", "worker", "reindex", "rebuild-index", "verify", "stats", "rm"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -145,14 +145,6 @@ def test_verify_repair_reencodes_and_reindex_switches_models(cli, tmp_path: Path
     code, _, err = cli("add", str(lib))
     assert code == 2 and "indexer reindex --model" in err, "the old model is refused after the switch"
     assert cli("verify", model=str(other))[0] == 0
-
-
-def test_synth_writes_a_sample_library(cli, tmp_path: Path) -> None:
-    out_dir = tmp_path / "sample"
-    args = ["--out", str(out_dir), "--families", "1", "--size", "32", "--fps", "4", "--seconds", "3"]
-    code, out, _ = cli("synth", *args, "--workers", "1", "--json")
-    assert code == 0 and json.loads(out)["clips"] == 6
-    assert len(list((out_dir / "clips").glob("*.mp4"))) == 6 and (out_dir / "manifest.jsonl").is_file()
 
 
 @pytest.mark.postgres

@@ -20,9 +20,9 @@ from indexer.catalog import Job, Segment, Video
 from indexer.cli import main
 from indexer.db import make_engine, make_session_factory, session_scope
 from indexer.paths import DataDir
-from indexer.synth import write_pattern_video
 from indexer.token_store import TokenStore
 from indexer.vector_index import VectorIndex
+from synth.generator import write_pattern_video
 
 REPO = Path(__file__).resolve().parents[2]
 VIDEOS = 24

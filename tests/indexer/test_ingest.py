@@ -14,10 +14,10 @@ from indexer.catalog import Change, Job, Segment, Video
 from indexer.db import make_engine, make_session_factory, session_scope
 from indexer.ingest import IngestError, delete_video, discover, ingest_file, scan, sha256_file
 from indexer.paths import DataDir
-from indexer.synth import write_pattern_video
 from indexer.token_store import TokenStore
 from indexer.worker import Worker
 from model.checkpoint import load_model
+from synth.generator import write_pattern_video
 
 MODEL_ID = "tiny-test"
 

@@ -18,12 +18,12 @@ from indexer.index_device import IndexDeviceError
 from indexer.ingest import delete_video, ingest_file
 from indexer.live_index import IndexConfigError, IndexMismatchError, LiveIndex, open_for_model
 from indexer.paths import DataDir
-from indexer.synth import write_pattern_video
 from indexer.token_store import TokenStore
 from indexer.vector_index import VectorIndex
 from indexer.worker import Worker
 from model.checkpoint import load_model, save_checkpoint
 from model.tokenbinder import TokenBinder
+from synth.generator import write_pattern_video
 
 T, D = 4, 32
 

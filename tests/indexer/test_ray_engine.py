@@ -19,11 +19,11 @@ from indexer.db import make_engine, make_session_factory, session_scope
 from indexer.paths import DataDir
 from indexer.pipeline import Encoder, PipelineConfig
 from indexer.ray_engine import EncodeActor, _remote_error, decode_video
-from indexer.synth import write_pattern_video
 from indexer.token_store import TokenStore
 from model.checkpoint import load_model, save_checkpoint
 from model.inference import prepare_for_inference
 from model.video_io import VideoDecodeError
+from synth.generator import write_pattern_video
 
 # Windows shorter than the clips, so that a video gives several segments (and batches span videos).
 WINDOWS = ["--max-segment-s", "1.5", "--window-s", "0.75"]

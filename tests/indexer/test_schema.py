@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from postgres_admin import BACKENDS
+from helpers.postgres import BACKENDS
 from sqlalchemy import text
 
 from indexer.cli import main

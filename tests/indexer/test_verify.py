@@ -16,12 +16,12 @@ from indexer.db import make_engine, make_session_factory, session_scope
 from indexer.ingest import delete_video, ingest_file
 from indexer.live_index import IndexMismatchError, LiveIndex, save_snapshot
 from indexer.paths import DataDir
-from indexer.synth import write_pattern_video
 from indexer.token_store import TokenStore
 from indexer.verify import UnknownModelError, reindex, verify
 from indexer.worker import Worker
 from model.checkpoint import load_model, save_checkpoint
 from model.tokenbinder import TokenBinder
+from synth.generator import write_pattern_video
 
 T, D = 4, 32
 

@@ -20,10 +20,10 @@ from indexer.ingest import delete_video, ingest_file
 from indexer.live_index import IndexMismatchError
 from indexer.paths import DataDir
 from indexer.pipeline import Encoder, PipelineConfig
-from indexer.synth import write_hostile_files, write_pattern_video
 from indexer.worker import Worker
 from model.checkpoint import load_model, save_checkpoint
 from model.tokenbinder import TokenBinder
+from synth.generator import write_hostile_files, write_pattern_video
 
 
 @pytest.fixture(scope="module")

@@ -41,15 +41,15 @@ def test_demo_model_ships_its_evaluation_and_the_command_that_made_it():
         assert spread["within"] > spread["between"], spread
     assert metrics["t2v"]["two_stage"]["R@1"] >= 67
     recipe = (DEMO / "TRAINING.md").read_text()
-    assert "python -m model.train" in recipe and "python -m indexer.synth" in recipe
+    assert "python -m model.train" in recipe and "python -m synth" in recipe
 
 
 @pytest.mark.slow
 def test_demo_model_ranks_unseen_generated_clips_far_above_chance(tmp_path):
-    from indexer.synth import generate_library
     from model.checkpoint import load_model
     from model.data import read_manifest
     from model.evaluate import evaluate
+    from synth.generator import generate_library
 
     # Seed 7 draws clips the model never trained on (it was trained on seed 0).
     summary = generate_library(tmp_path / "lib", families=5, seed=7, holdout=0.0, workers=1)

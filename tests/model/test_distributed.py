@@ -1,10 +1,9 @@
 """Two gloo processes on the CPU give the single-process loss and gradients of the same global batch."""
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers.ports import free_port
 
 from model.checkpoint import load_model
 from model.distributed import DistContext, init_process_group, shard, shutdown, wrap_model
@@ -65,12 +64,6 @@ def _worker(rank, port, out_dir):
         shutdown(ctx)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def reference():
     model = load_model("tiny")
@@ -81,7 +74,7 @@ def reference():
 @pytest.fixture(scope="module")
 def distributed(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import av
 import pytest
 
-from indexer.synth_media import FORMAT_SAMPLES, write_format_samples, write_pattern_video, write_tone
 from model.formats import EMPTY, OCTET_STREAM, Signature, sniff, sniff_file
+from synth.media import FORMAT_SAMPLES, write_format_samples, write_pattern_video, write_tone
 
 MIME = {
     "broadcast.ts": "video/mp2t",

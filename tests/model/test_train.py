@@ -114,7 +114,7 @@ def test_batch_larger_than_the_library_is_refused(tmp_path, clips):
 
 
 def test_cli_trains_on_generated_clips_and_exports_fp16(tmp_path, capsys):
-    from indexer.synth import generate_library
+    from synth.generator import generate_library
 
     lib = generate_library(
         tmp_path / "lib", families=2, seed=0, holdout=0.5, size=32, fps=12, seconds=1.0, workers=1
@@ -176,7 +176,7 @@ def _fine_tune_vit_b32(tmp_path):
     """--init ViT-B-32:/local/weights (random weights standing in for openai's): two steps, the new view."""
     import open_clip
 
-    from indexer.synth import generate_library
+    from synth.generator import generate_library
 
     weights = tmp_path / "vit-b-32.pt"
     torch.manual_seed(0)

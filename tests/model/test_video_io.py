@@ -11,8 +11,6 @@ import av
 import numpy as np
 import pytest
 
-from indexer.synth import write_hostile_files, write_pattern_video
-from indexer.synth_media import FORMAT_SAMPLES, encode_frames, write_format_samples
 from model.video_io import (
     VideoDecodeError,
     decord_get_batch,
@@ -22,6 +20,8 @@ from model.video_io import (
     sample_times,
     segment_windows,
 )
+from synth.generator import write_hostile_files, write_pattern_video
+from synth.media import FORMAT_SAMPLES, encode_frames, write_format_samples
 
 REAL_CLIPS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real-clips"
 REAL_MANIFEST = REAL_CLIPS / "manifest.jsonl"

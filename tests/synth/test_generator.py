@@ -1,16 +1,18 @@
-"""indexer.synth: a seeded two-event library whose siblings differ in exactly one attribute."""
+"""synth.generator: a seeded two-event library whose siblings differ in exactly one attribute."""
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 
-from indexer.synth import (
+from synth.__main__ import main
+from synth.generator import (
     COLOURS,
     KINDS,
     TEMPLATES,
@@ -19,12 +21,10 @@ from indexer.synth import (
     check_timing,
     family_spec,
     generate_library,
-    main,
     render_clip,
     split_families,
     write_pattern_video,
 )
-from model.video_io import probe, read_clip
 
 SIZE = 32  # tiny frames keep generation and decoding fast; objects are still 9 px
 FRAMES = 36  # 12 fps x 3 s
@@ -42,8 +42,26 @@ def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _all_frames(path: Path) -> np.ndarray:
-    # 36 samples over 36 frames: each bin centre is a frame centre, so this is every frame once.
-    return read_clip(path, FRAMES, SIZE).astype(np.int16)
+    # Read with PyAV, not model's decoder: this layer sits below the model.
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(np.int16)
+
+
+@dataclass
+class _Info:
+    width: int
+    height: int
+    fps: float
+    num_frames: int
+    duration_s: float
+
+
+def probe(path: Path) -> _Info:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = sum(1 for _ in container.decode(video=0))
+        duration = float(container.duration / av.time_base) if container.duration else 0.0
+        return _Info(stream.width, stream.height, float(stream.average_rate), frames, duration)
 
 
 def test_manifest_lines_describe_every_clip(library: Path) -> None:
