@@ -13,7 +13,7 @@ from app.search_types import Hit
 from indexer import catalog, jobs
 from indexer.catalog import Job, Segment, Video
 from indexer.paths import DataDir
-from model.formats import OCTET_STREAM, sniff_file
+from model.video.formats import OCTET_STREAM, sniff_file
 
 logger = logging.getLogger(__name__)
 

@@ -253,7 +253,7 @@ class Searcher:
 
 
 def _frame_time(start: float, end: float, frame: int, num_frames: int) -> float:
-    # Frames are sampled at bin centres of the segment (model.video_io.sample_times).
+    # Frames are sampled at bin centres of the segment (model.video.sample_times).
     return start + (frame + 0.5) * (end - start) / num_frames
 
 

@@ -1,4 +1,4 @@
-"""Benchmark: sampling T frames per window with model.video_io against decord's plain get_batch."""
+"""Benchmark: sampling T frames per window with model.video against decord's plain get_batch."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model.video_io import decord_get_batch, iter_segment_frames, probe, sample_times, segment_windows
+from bench.decord_baseline import decord_get_batch
+from model.video import iter_segment_frames, probe, sample_times, segment_windows
 from synth.generator import write_pattern_video
 
 logger = logging.getLogger(__name__)

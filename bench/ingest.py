@@ -16,14 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.decord_baseline import decord_get_batch
+from indexer.bulk import add_paths
 from indexer.db import make_engine, make_session_factory, upgrade_database
 from indexer.paths import DataDir
 from indexer.pipeline import Encoder, PipelineConfig, read_video
-from indexer.worker import add_paths
 from model.checkpoint import load_model
 from model.inference import prepare_for_inference
 from model.tokenbinder import TokenBinder
-from model.video_io import decord_get_batch, iter_segment_frames, probe, sample_times, segment_windows
+from model.video import iter_segment_frames, probe, sample_times, segment_windows
 from synth.generator import write_pattern_video
 
 logger = logging.getLogger(__name__)

@@ -158,7 +158,7 @@ def cmd_migrate(env: Env) -> int:
 
 
 def cmd_add(env: Env) -> int:
-    from indexer.worker import add_paths
+    from indexer.bulk import add_paths
 
     factory, model, bar = env.sessions(), env.model(), Progress(env, "indexing")
     a = env.args
@@ -212,7 +212,7 @@ def cmd_worker(env: Env) -> int:
 
 
 def cmd_reindex(env: Env) -> int:
-    from indexer.verify import reindex
+    from indexer.bulk import reindex
 
     a = env.args
     if a.engine != "ray" and (a.address is not None or a.encoders is not None):

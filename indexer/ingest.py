@@ -22,7 +22,7 @@ from indexer.catalog import Change, Job, Segment, Video
 from indexer.db import session_scope
 from indexer.paths import SIDECAR_EXTENSIONS, VIDEO_EXTENSIONS, DataDir, fsync_dir
 from indexer.token_store import TokenStore
-from model.formats import EMPTY, sniff_file
+from model.video.formats import EMPTY, sniff_file
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from indexer.db import default_database_url
 logger = logging.getLogger(__name__)
 
 # Names that say "video": a folder scan hands these to FFmpeg unless their first bytes say otherwise (any other
-# file is taken when its bytes look like a video container, `model.formats`). Stored copies keep these suffixes.
+# file is taken when its bytes look like a video container, `model.video.formats`). Stored copies keep these suffixes.
 VIDEO_EXTENSIONS = frozenset(
     ".mp4 .m4v .mkv .webm .mov .qt .avi .divx .mpg .mpeg .mpe .m1v .m2v .vob .mod .tod .vro .ts .mts .m2ts "
     ".m2t .tp .trp .3gp .3g2 .wmv .asf .flv .f4v .mxf .ogv .ogm .rm .rmvb .dv .nut .ivf .y4m .h264 .264 "

@@ -24,10 +24,10 @@ from indexer.db import session_scope
 from indexer.ingest import delete_segments, release_pending
 from indexer.paths import DataDir
 from indexer.token_store import TokenStore
-from model import video_io
+from model import video
 from model.openmp import release_openmp_threads
 from model.tokenbinder import TokenBinder
-from model.video_io import SegmentFrames, VideoDecodeError, VideoInfo
+from model.video import SegmentFrames, VideoDecodeError, VideoInfo
 
 logger = logging.getLogger(__name__)
 
@@ -88,11 +88,9 @@ def read_video(
     path: Path, num_frames: int, size: int, config: PipelineConfig
 ) -> tuple[VideoInfo, list[tuple[float, float]], Iterator[SegmentFrames]]:
     """Probe (raises VideoDecodeError), cut into windows, and stream each window's sampled frames."""
-    info = video_io.probe(path)
-    windows = video_io.segment_windows(info.duration_s, config.max_segment_s, config.window_s)
-    frames = video_io.iter_segment_frames(
-        path, windows, num_frames, size, thumb_max_side=config.thumb_max_side
-    )
+    info = video.probe(path)
+    windows = video.segment_windows(info.duration_s, config.max_segment_s, config.window_s)
+    frames = video.iter_segment_frames(path, windows, num_frames, size, thumb_max_side=config.thumb_max_side)
     return info, windows, frames
 
 

@@ -16,7 +16,7 @@ from indexer.paths import DataDir
 from indexer.pipeline import EncodedSegment, NoFramesError, PipelineConfig, TaskResult, VideoTask, Writer
 from indexer.token_store import TokenStore
 from model.tokenbinder import TokenBinder
-from model.video_io import VideoDecodeError, VideoInfo
+from model.video import VideoDecodeError, VideoInfo
 
 logger = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ class RayEngine:
 
 
 def ray_engine(options: RayOptions) -> Callable[..., RayEngine]:
-    """A factory with the signature `indexer.verify.reindex(engine=...)` calls: (factory, data, model, **kw)."""
+    """A factory with the signature `indexer.bulk.reindex(engine=...)` calls: (factory, data, model, **kw)."""
 
     def make(
         session_factory: sessionmaker[Session], data: DataDir, model: TokenBinder, **kwargs: Any

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from sqlalchemy import exists, select
@@ -16,13 +15,10 @@ from indexer import catalog, jobs
 from indexer.catalog import Job, Segment, Video
 from indexer.db import session_scope
 from indexer.ingest import release_pending
-from indexer.live_index import register_model, save_snapshot
+from indexer.live_index import save_snapshot
 from indexer.paths import DataDir
-from indexer.pipeline import PipelineConfig, TaskResult, VideoTask
 from indexer.token_store import TokenStore
 from indexer.vector_index import CorruptSnapshotError, SnapshotNotFoundError, VectorIndex
-from indexer.worker import BulkReport, Worker, settle
-from model.tokenbinder import TokenBinder
 
 logger = logging.getLogger(__name__)
 
@@ -217,75 +213,3 @@ def _free_orphans(
             store.free(report.orphan_tokens)
             store.flush()
             actions.append(f"freed {len(report.orphan_tokens)} orphan token record(s)")
-
-
-# --- a new generation ----------------------------------------------------------------------------
-class BulkEngine(Protocol):
-    def process(self, tasks: Iterable[VideoTask]) -> None: ...
-
-    def close(self) -> None: ...
-
-
-EngineFactory = Callable[..., BulkEngine]
-
-
-def _local_engine(
-    session_factory: sessionmaker[Session], data: DataDir, model: TokenBinder, **kwargs: Any
-) -> BulkEngine:
-    return Worker(session_factory, data, model, require_active=False, **kwargs)
-
-
-def reindex(
-    session_factory: sessionmaker[Session],
-    data: DataDir,
-    model: TokenBinder,
-    *,
-    all_videos: bool = False,
-    config: PipelineConfig | None = None,
-    on_start: Callable[[int], None] | None = None,
-    on_result: Callable[[TaskResult], None] | None = None,
-    engine: EngineFactory | None = None,
-) -> BulkReport:
-    """Index the library with `model` (videos lacking its segments, or all); then make it the active model.
-
-    A new model's segments and tokens form a generation beside the live one; the switch is one
-    transaction, taken only when every video is in the new generation. Re-running resumes.
-    `engine` makes what runs the videos (default: a Worker in this process; `indexer.ray_engine` for a
-    Ray cluster); it gets (session_factory, data, model, config=, on_result=).
-    """
-    started = time.monotonic()
-    active = register_model(session_factory, model, require_active=False)
-    worker = (engine or _local_engine)(session_factory, data, model, config=config, on_result=on_result)
-    report = BulkReport()
-    seen: dict[int, str] = {}
-    try:
-        for _ in range(3):  # later passes pick up videos ingested meanwhile
-            with session_scope(session_factory) as session:
-                todo = _reindex_candidates(session, model.model_id, missing_only=not all_videos or bool(seen))
-            todo = [(v, p) for v, p in todo if v not in seen]
-            if not todo:
-                break
-            seen.update((v, p) for v, p in todo)
-            if on_start is not None:
-                on_start(len(seen))
-            worker.process(VideoTask(v, data.resolve(p), None, set_ready=active) for v, p in todo)
-    finally:
-        worker.close()
-    report.files = len(seen)
-    settle(session_factory, model.model_id, {v: f"video {v} ({p})" for v, p in seen.items()}, report)
-    if not active and not report.failed:
-        with session_scope(session_factory) as session:
-            if not _reindex_candidates(session, model.model_id, missing_only=True):
-                report.switched = catalog.activate_model(session, model.model_id) is not None
-    save_snapshot(data, session_factory, model.model_id)
-    report.seconds = time.monotonic() - started
-    return report
-
-
-def _reindex_candidates(session: Session, model_id: str, *, missing_only: bool) -> list[tuple[int, str]]:
-    stmt = select(Video.id, Video.stored_path).where(
-        Video.status.in_(("pending", "indexing", "ready")), Video.stored_path.is_not(None)
-    )
-    if missing_only:
-        stmt = stmt.where(~exists().where(Segment.video_id == Video.id, Segment.model_id == model_id))
-    return [(v, p) for v, p in session.execute(stmt.order_by(Video.id)) if p is not None]

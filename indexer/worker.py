@@ -9,28 +9,21 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
-from pathlib import Path
-from typing import Any
 
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from indexer import catalog, jobs
 from indexer.catalog import Job
 from indexer.db import session_scope, utcnow
-from indexer.ingest import IngestError, StoreMode, ingest_file, scan
-from indexer.live_index import IndexMismatchError, register_model, save_snapshot
+from indexer.live_index import IndexMismatchError, register_model
 from indexer.paths import DataDir
 from indexer.pipeline import Encoder, PipelineConfig, TaskResult, VideoTask, Writer, run_pipeline
 from indexer.token_store import TokenStore
-from model import video_io
-from model.openmp import release_openmp_threads
 from model.tokenbinder import TokenBinder
-from model.video_io import VideoDecodeError
 
 logger = logging.getLogger(__name__)
 
@@ -321,157 +314,3 @@ def _alive(owner: str | None) -> bool:
     except PermissionError:
         return True
     return True
-
-
-# --- bulk runs: `indexer add` and `indexer reindex` ---------------------------------------------------------
-@dataclass
-class BulkReport:
-    files: int = 0  # files (add) or videos (reindex) considered
-    indexed: int = 0  # videos indexed by this run
-    already: int = 0  # videos that were indexed before (same bytes seen earlier)
-    segments: int = 0
-    failed: dict[str, str] = field(default_factory=dict)  # file (or video id) -> reason
-    skipped: dict[str, str] = field(default_factory=dict)  # add: file found in a folder -> why it is no video
-    switched: bool = False  # reindex: the model became the active one
-    seconds: float = 0.0
-
-    def skipped_by_reason(self) -> dict[str, int]:
-        """Reason -> how many files were skipped for it, most first."""
-        counts: dict[str, int] = {}
-        for reason in self.skipped.values():
-            counts[reason] = counts.get(reason, 0) + 1
-        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"skipped_by_reason": self.skipped_by_reason()}
-
-
-_OPEN_STATES = ("queued", *jobs.ACTIVE_STATES)
-
-
-def _open_jobs(session_factory: sessionmaker[Session], job_ids: list[int]) -> int:
-    with session_scope(session_factory) as session:
-        return sum(
-            session.scalar(
-                select(func.count()).where(Job.id.in_(job_ids[i : i + 500]), Job.state.in_(_OPEN_STATES))
-            )
-            or 0
-            for i in range(0, len(job_ids), 500)
-        )
-
-
-def add_paths(
-    session_factory: sessionmaker[Session],
-    data: DataDir,
-    model: TokenBinder,
-    paths: Iterable[str | os.PathLike[str]],
-    *,
-    mode: StoreMode = "in_place",
-    recursive: bool = True,
-    max_attempts: int = 3,
-    retry_failed: bool = False,
-    config: PipelineConfig | None = None,
-    on_start: Callable[[int], None] | None = None,
-    on_skip: Callable[[], None] | None = None,
-    on_result: Callable[[TaskResult], None] | None = None,
-) -> BulkReport:
-    """Ingest files (folders, globs) and index them in this process; re-running after a crash completes the run.
-
-    Indexing starts while later files are still being hashed. Files found in folders that are not videos
-    FFmpeg can decode are skipped, each with the reason (`report.skipped`). Returns what happened to each file.
-    """
-    started = time.monotonic()
-    register_model(session_factory, model, require_active=True)
-    found = scan(paths, recursive)
-    report = BulkReport(files=len(found.found) + len(found.skipped), skipped=found.skipped)
-    if on_start is not None:
-        on_start(len(found.found))
-    # A short poll: the worker starts before the first job is queued and must not idle a second.
-    worker = Worker(session_factory, data, model, poll_s=0.1, config=config, on_result=on_result)
-    job_ids: list[int] = []
-    by_video: dict[int, Path] = {}
-    hashed = threading.Event()
-    crashed: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            worker.run(until=lambda: hashed.is_set() and not _open_jobs(session_factory, job_ids))
-        except BaseException as e:  # re-raised in the caller's thread below
-            crashed.append(e)
-
-    thread = threading.Thread(target=work, name="add-worker", daemon=True)
-    # The model's encodes run in that thread from here: an OpenMP pool left alive in this one (loading the
-    # model starts one) would slow every one of them (model.openmp).
-    release_openmp_threads()
-    thread.start()
-    try:
-        for candidate in found.found:
-            path = candidate.path
-            if candidate.probe and (reason := _not_decodable(path)) is not None:
-                report.skipped[str(path)] = reason
-                if on_skip is not None:
-                    on_skip()
-                continue
-            try:
-                result = ingest_file(
-                    session_factory, data, path, model_id=model.model_id, mode=mode, max_attempts=max_attempts,
-                    retry_failed=retry_failed,
-                )  # fmt: skip
-            except (IngestError, OSError) as e:
-                report.failed[str(path)] = str(e)
-                result = None
-            if result is not None:
-                by_video[result.video_id] = path
-                if result.job_id is not None:
-                    job_ids.append(result.job_id)
-                report.already += result.duplicate_of is not None and result.status == "ready"
-            if on_skip is not None and (result is None or result.status in ("ready", "failed")):
-                on_skip()
-    finally:
-        hashed.set()
-        thread.join()
-        worker.close()
-    if crashed:
-        raise crashed[0]
-    settle(session_factory, model.model_id, by_video, report)
-    save_snapshot(data, session_factory, model.model_id)
-    report.indexed -= report.already
-    report.seconds = time.monotonic() - started
-    return report
-
-
-def _not_decodable(path: Path) -> str | None:
-    """Why FFmpeg cannot use a file as a video, or None when it can."""
-    try:
-        video_io.probe(path)
-    except VideoDecodeError as e:
-        return skip_reason(e)
-    return None
-
-
-def skip_reason(error: VideoDecodeError) -> str:
-    """A short reason for a file FFmpeg rejected, the same for every file with the same fault."""
-    if error.reason == VideoDecodeError.NOT_A_VIDEO:
-        return f"not a video ({error.detail or 'FFmpeg cannot read it'})"
-    if error.reason == VideoDecodeError.NO_VIDEO_STREAM:
-        return "no video stream"
-    if error.reason in (VideoDecodeError.MISSING, VideoDecodeError.UNREADABLE):
-        return f"cannot read: {error.what}"
-    return f"cannot decode: {error.what}"
-
-
-def settle(
-    session_factory: sessionmaker[Session], model_id: str, by_video: Mapping[int, object], report: BulkReport
-) -> None:
-    """Count each video's outcome into the report (`by_video` maps it to what the user called it)."""
-    with session_scope(session_factory) as session:
-        for video_id, path in by_video.items():
-            video = catalog.get_video(session, video_id)
-            segments = len(catalog.segments_for_video(session, video_id, model_id))
-            if segments:
-                report.indexed += 1
-                report.segments += segments
-            elif video is None or video.status == "deleted":
-                report.failed[str(path)] = "the video was deleted while it was being indexed"
-            else:
-                report.failed[str(path)] = video.error or f"not indexed (status {video.status})"

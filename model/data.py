@@ -214,7 +214,7 @@ class FrameCache:
         return failures
 
     def _decode_one(self, job: tuple[ClipKey, Path, Path]) -> tuple[ClipKey, str | None]:
-        from model.video_io import VideoDecodeError, read_clip
+        from model.video import VideoDecodeError, read_clip
 
         clip, npy, err = job
         decode = self._decoder or read_clip

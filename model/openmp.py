@@ -4,8 +4,7 @@ torch's CPU kernels (and faiss's, which share the runtime) run on an OpenMP thre
 the calling thread and lives as long as that thread. With two pools alive in one process, say the
 service's search thread and an idle ingest thread or the thread that loaded the model, libgomp counts
 more threads than cores and stops spinning at its barriers: every parallel op then waits for a
-sleeping worker to wake up. On a 2-vCPU host that made a one-query encode 1.4x slower (13 -> 19 ms) and
-a batch of 8 1.3x slower (38 -> 49 ms) in a thread whose pool had company, with the other pool idle.
+sleeping worker to wake up (the cost, measured: docs/BENCHMARKS.md, "Search", fault 2).
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ def main() -> None:
     import app.main  # noqa: F401
     import indexer.cli  # noqa: F401
     import indexer.worker  # noqa: F401
-    import model.video_io  # noqa: F401
+    import model.video  # noqa: F401
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children
     print(json.dumps({"ready": True}), flush=True)

@@ -22,7 +22,7 @@ from indexer import jobs
 from indexer.catalog import Job, Segment, Video
 from indexer.cli import main
 from indexer.db import make_engine, make_session_factory, session_scope
-from model.video_io import segment_windows
+from model.video import segment_windows
 from synth.generator import write_pattern_video
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]

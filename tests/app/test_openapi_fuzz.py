@@ -105,6 +105,7 @@ def _schemathesis_cli(base: str, seed: int, report: Any) -> subprocess.Completed
         capture_output=True,
         text=True,
         timeout=540,
+        cwd=report.parent,  # schemathesis keeps a cache folder in its working directory
     )
 
 

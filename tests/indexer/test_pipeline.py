@@ -29,7 +29,7 @@ from indexer.pipeline import (
 from indexer.token_store import TokenStore
 from model.checkpoint import load_model
 from model.tokenbinder import TokenBinder
-from model.video_io import VideoDecodeError
+from model.video import VideoDecodeError
 from synth.generator import write_hostile_files, write_pattern_video
 
 T, D = 4, 32  # the tiny preset

@@ -22,7 +22,7 @@ from indexer.ray_engine import EncodeActor, _remote_error, decode_video
 from indexer.token_store import TokenStore
 from model.checkpoint import load_model, save_checkpoint
 from model.inference import prepare_for_inference
-from model.video_io import VideoDecodeError
+from model.video import VideoDecodeError
 from synth.generator import write_pattern_video
 
 # Windows shorter than the clips, so that a video gives several segments (and batches span videos).

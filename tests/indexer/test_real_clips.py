@@ -9,13 +9,13 @@ import pytest
 from PIL import Image
 
 from indexer import catalog
+from indexer.bulk import add_paths
 from indexer.db import make_engine, make_session_factory, session_scope
 from indexer.paths import DataDir
 from indexer.pipeline import PipelineConfig
 from indexer.verify import verify
-from indexer.worker import add_paths
 from model.checkpoint import load_model
-from model.video_io import segment_windows
+from model.video import segment_windows
 
 CLIPS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "real-clips"
 DURATION_TOLERANCE_S = 0.15

@@ -116,7 +116,7 @@ class FakeDecoder:
         self.calls = Counter()
 
     def __call__(self, path, num_frames, size, start=None, end=None):
-        from model.video_io import VideoDecodeError
+        from model.video import VideoDecodeError
 
         self.calls[Path(path).name] += 1
         if Path(path).name.startswith("bad"):

@@ -1,4 +1,4 @@
-"""model.formats: containers are recognised as the demuxer FFmpeg picks, and non-videos as what they are."""
+"""model.video.formats: containers are recognised as the demuxer FFmpeg picks, and non-videos as what they are."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import av
 import pytest
 
-from model.formats import EMPTY, OCTET_STREAM, Signature, sniff, sniff_file
+from model.video.formats import EMPTY, OCTET_STREAM, Signature, sniff, sniff_file
 from synth.media import FORMAT_SAMPLES, write_format_samples, write_pattern_video, write_tone
 
 MIME = {

@@ -1,4 +1,4 @@
-"""model.video_io: probing, segment windows, frame sampling on real and generated files, and clear failures."""
+"""model.video: probing, segment windows, frame sampling on real and generated files, and clear failures."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import av
 import numpy as np
 import pytest
 
-from model.video_io import (
+from bench.decord_baseline import decord_get_batch
+from model.video import (
     VideoDecodeError,
-    decord_get_batch,
     iter_segment_frames,
     probe,
     read_clip,

@@ -11,7 +11,7 @@ import av
 import av.video.reformatter
 import numpy as np
 
-from model.video_decode import StreamMeta, VideoDecodeError
+from model.video.decode import StreamMeta, VideoDecodeError
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import av
 
-from model.formats import HEAD_BYTES, sniff
+from model.video.formats import HEAD_BYTES, sniff
 
 logger = logging.getLogger(__name__)
 
