@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.data import ClipSet, FrameCache, Sample, default_cache_dir, prepare_clips
+from model.data import ClipSet, FrameCache, default_cache_dir, prepare_clips
+from model.manifest import Sample
 from model.metrics import group_r1, retrieval_report, slot_spread, two_stage_ranks
 from model.outputs import TextOutput, VideoOutput
 from model.tokenbinder import TokenBinder
@@ -188,8 +189,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from model.checkpoint import load_model
-    from model.data import read_manifest, read_msrvtt
     from model.inference import prepare_for_inference
+    from model.manifest import read_manifest, read_msrvtt
 
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

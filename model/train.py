@@ -418,8 +418,8 @@ def _initial_model(preset: str | None, init: str | None, focus_head: str | None 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from model.data import read_manifest, read_msrvtt
     from model.distributed import init_distributed, shutdown
+    from model.manifest import read_manifest, read_msrvtt
 
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -8,14 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.data import (
-    FrameCache,
-    ManifestError,
-    UniqueVideoBatchSampler,
-    prepare_clips,
-    read_manifest,
-    read_msrvtt,
-)
+from model.data import FrameCache, UniqueVideoBatchSampler, prepare_clips
+from model.manifest import ManifestError, read_manifest, read_msrvtt
 
 MSRVTT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "msrvtt"
 needs_msrvtt = pytest.mark.skipif(

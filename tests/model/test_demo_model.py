@@ -47,8 +47,8 @@ def test_demo_model_ships_its_evaluation_and_the_command_that_made_it():
 @pytest.mark.slow
 def test_demo_model_ranks_unseen_generated_clips_far_above_chance(tmp_path):
     from model.checkpoint import load_model
-    from model.data import read_manifest
     from model.evaluate import evaluate
+    from model.manifest import read_manifest
     from synth.generator import generate_library
 
     # Seed 7 draws clips the model never trained on (it was trained on seed 0).

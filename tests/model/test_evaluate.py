@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from model.checkpoint import build_model, load_model, save_checkpoint
 from model.config import preset_config
-from model.data import read_manifest
 from model.evaluate import evaluate, main, retrieval_metrics
+from model.manifest import read_manifest
 from model.outputs import TextOutput, VideoOutput
 from synth.generator import generate_library
 from synth.media import write_hostile_files

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from model.checkpoint import load_model
-from model.data import FrameCache, prepare_clips, read_manifest
+from model.data import FrameCache, prepare_clips
+from model.manifest import read_manifest
 from model.train import ResumeError, TrainConfig, cosine_with_warmup, main, param_groups, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
