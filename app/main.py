@@ -1,4 +1,8 @@
-"""The app factory: `create_app(settings)`; `uvicorn app.main:app` serves the module-level app."""
+"""The app factory: `create_app(settings)`; `uvicorn app.main:app` serves an app built on first access.
+
+Importing this module builds nothing and reads no settings: `app` is created when something asks for it
+(uvicorn does, once, at start-up), so tests and tools can import `create_app` without an environment.
+"""
 
 from __future__ import annotations
 
@@ -23,10 +27,11 @@ from app.routes import demo, jobs, search, system, videos
 from app.security import API_KEY_HEADER, BodyLimitMiddleware, SecurityHeadersMiddleware
 from app.services import open_services
 from app.settings import Settings
+from app.version import package_version
 
 logger = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
+VERSION = package_version()
 DATABASE_RETRY_AFTER_S = 5
 # The catalog cannot be reached (server down, network, pool exhausted, SQLite locked or failing I/O): the
 # request may succeed later, so 503 + Retry-After. Integrity and programming errors stay 500s: they are bugs.
@@ -131,4 +136,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-app = create_app()
+_app: FastAPI | None = None
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: `app.main.app` (what `uvicorn app.main:app` reads) is built on first access, then kept.
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = create_app()
+        return _app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
