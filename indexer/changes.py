@@ -20,11 +20,14 @@ logger = logging.getLogger(__name__)
 
 
 def latest_seq(session: Session, model_id: str | None = None) -> int:
-    """The newest seq in the feed, or in one model's feed."""
-    stmt = select(func.max(Change.seq))
+    """The newest seq in the feed, or in one model's feed, counting pruned changes too."""
+    newest, pruned = select(func.max(Change.seq)), select(func.max(FeedHorizon.pruned_through))
     if model_id is not None:
-        stmt = stmt.where(Change.model_id == model_id)
-    return session.scalar(stmt) or 0
+        newest, pruned = (
+            newest.where(Change.model_id == model_id),
+            pruned.where(FeedHorizon.model_id == model_id),
+        )
+    return max(session.scalar(newest) or 0, session.scalar(pruned) or 0)
 
 
 def changes_since(session: Session, seq: int, model_id: str | None = None, limit: int = 1000) -> list[Change]:
