@@ -8,9 +8,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import NamedTuple
 
-from sqlalchemy import Row, func, or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from indexer.catalog import Change, FeedHorizon
@@ -73,6 +73,12 @@ def feed_lag(session: Session, model_id: str, position: int, read_up_to: int) ->
     rows, head = session.execute(select(func.count(), func.max(Change.seq)).where(*mine_after)).one()
     oldest = session.scalar(select(Change.created_at).where(*mine_after).order_by(Change.seq).limit(1))
     return FeedLag(position, head or read_up_to, rows, oldest)
+
+
+class _Row(NamedTuple):
+    seq: int
+    segment_id: int
+    op: str
 
 
 class FeedPrunedError(RuntimeError):
@@ -215,24 +221,25 @@ class ChangeFollower:
         """Gaps whose every seq is committed now (to some model)."""
         return [(g.lo, g.hi) for g in self._gaps if _committed(session, g.lo, g.hi) == g.hi - g.lo + 1]
 
-    def _read(self, session: Session) -> tuple[list[Row[Any]], bool]:
+    def _read(self, session: Session) -> tuple[list[_Row], bool]:
         """This model's rows above the high mark and in the gaps, in seq order; and whether more are waiting.
 
         Plain (seq, segment_id, op) tuples: building ORM objects cost several times the query on a replay.
         """
         mine = select(Change.seq, Change.segment_id, Change.op).where(Change.model_id == self.model_id)
         above = mine.where(Change.seq > self._high).order_by(Change.seq).limit(self._batch_size)
-        rows = list(session.execute(above))
+        rows = [_Row(*r) for r in session.execute(above)]
         more = len(rows) >= self._batch_size
         if self._gaps:
             in_gap = or_(*(Change.seq.between(g.lo, g.hi) for g in self._gaps))
-            rows += session.execute(mine.where(in_gap).order_by(Change.seq).limit(self._batch_size))
+            stmt = mine.where(in_gap).order_by(Change.seq).limit(self._batch_size)
+            rows += [_Row(*r) for r in session.execute(stmt)]
         return sorted(rows, key=lambda c: c.seq), more
 
-    def _apply_in_order(self, rows: Sequence[Row[Any]]) -> int:
+    def _apply_in_order(self, rows: Sequence[_Row]) -> int:
         """Apply runs of same-op changes; a run's seqs count as seen only once its callback returned."""
         applied = 0
-        run: list[Row[Any]] = []
+        run: list[_Row] = []
         for row in [*rows, None]:
             if run and (row is None or row.op != run[0].op):
                 self._apply[run[0].op]([c.segment_id for c in run])
