@@ -50,6 +50,14 @@ class Metrics:
             registry=self.registry,
         )
         self.jobs = Gauge("tvs_jobs", "Ingestion jobs by state", ["state"], registry=self.registry)
+        self.feed_lag_seconds = Gauge(
+            "tvs_feed_lag_seconds",
+            "How long the oldest change-feed row this process has not applied has been waiting (0: caught up)",
+            registry=self.registry,
+        )
+        self.feed_lag_rows = Gauge(
+            "tvs_feed_lag_rows", "Change-feed rows of this model not applied yet", registry=self.registry
+        )
         self.uploads = Counter(
             "tvs_ingest_requests",
             "POST /videos requests by source and outcome",
@@ -61,10 +69,16 @@ class Metrics:
         self.search_stage.labels(stage=stage).observe(seconds)
 
     def render(
-        self, index_size: int, jobs_by_state: dict[str, int], index_info: tuple[str, str] | None = None
+        self,
+        index_size: int,
+        jobs_by_state: dict[str, int],
+        index_info: tuple[str, str] | None = None,
+        feed_lag: tuple[float, int] = (0.0, 0),
     ) -> bytes:
-        """`index_info`: (device, factory) of the index, None before it is open."""
+        """`index_info`: (device, factory) of the index, None before it is open; `feed_lag`: (seconds, rows)."""
         self.index_size.set(index_size)
+        self.feed_lag_seconds.set(feed_lag[0])
+        self.feed_lag_rows.set(feed_lag[1])
         self.index_info.clear()  # one series: the index moves (a rebuild) or falls back, the old label goes
         if index_info is not None:
             self.index_info.labels(device=index_info[0], factory=index_info[1]).set(1)

@@ -263,11 +263,25 @@ class HealthIndex(BaseModel):
     rerank: int = Field(description="approximate candidates re-scored exactly per search; 0: off")
 
 
+class HealthFeed(BaseModel):
+    position: int = Field(description="every change of this model's feed up to this seq is in the index")
+    head: int = Field(description="the newest seq of this model's change feed seen")
+    lag_rows: int = Field(description="changes of this model committed but not applied yet")
+    lag_seconds: float = Field(description="how long the oldest of them has been waiting; 0 when caught up")
+    max_lag_seconds: float = Field(description="above this lag the replica is not ready (TVS_MAX_FEED_LAG_S)")
+
+
+HealthStatus = Literal["ok", "starting", "database unreachable", "catching up with the change feed"]
+
+
 class HealthResponse(BaseModel):
-    status: Literal["ok", "starting", "database unreachable"]
+    status: HealthStatus
     ready: bool
     model: HealthModel | None
     index: HealthIndex | None
+    feed: HealthFeed | None = Field(
+        default=None, description="this replica's place in the change feed; null while starting"
+    )
     worker: bool = Field(description="whether this process runs an indexing worker thread")
     auth_required: bool = Field(description="whether write endpoints need an API key")
     max_upload_bytes: int

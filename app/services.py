@@ -93,6 +93,8 @@ def open_services(settings: Settings, metrics: Metrics) -> Services:
             ef_search=settings.index_ef_search,
             rerank=settings.index_rerank,
             device=settings.index_device,
+            catch_up_s=settings.feed_catch_up_s,
+            feed_retention_s=settings.feed_retention_s,
         ).open()
         opened.append(index)
         worker = None

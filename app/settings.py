@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     worker: bool = True
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     follow_interval_s: float = Field(default=0.25, gt=0)
+    # /health answers 503 while the oldest change this replica has not applied is older than this.
+    max_feed_lag_s: float = Field(default=5.0, gt=0)
+    # Start-up replays the change feed for at most this long before serving; the follower thread replays
+    # the rest while /health answers 503 with the lag.
+    feed_catch_up_s: float = Field(default=30.0, ge=0)
+    # Changes younger than this are kept when a snapshot prunes the feed (indexer.feed_compaction).
+    feed_retention_s: float = Field(default=600.0, ge=0)
     torch_threads: int | None = Field(default=None, ge=1)  # None: torch's default (all cores)
 
     @field_validator("allowed_roots", "cors_origins", mode="before")

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
-from app.schemas import HealthIndex, HealthModel, HealthResponse
+from app.schemas import HealthFeed, HealthIndex, HealthModel, HealthResponse, HealthStatus
 from app.services import Services
 from app.settings import Settings
 from indexer import catalog
@@ -17,7 +17,8 @@ logger = logging.getLogger(__name__)
 
 
 def health(services: Services | None, settings: Settings) -> HealthResponse:
-    """Ready only once the model is loaded and the index is open (the lifespan finished)."""
+    """Ready once the model is loaded and the index is open (the lifespan finished), while the catalog is
+    reachable and the index is no more than `max_feed_lag_s` behind its change feed."""
     common: dict[str, Any] = dict(
         worker=settings.worker,
         auth_required=settings.api_key is not None,
@@ -26,10 +27,17 @@ def health(services: Services | None, settings: Settings) -> HealthResponse:
     if services is None:
         return HealthResponse(status="starting", ready=False, model=None, index=None, **common)
     reachable = database_reachable(services)
+    feed = feed_health(services, settings)
+    behind = feed.lag_seconds > feed.max_lag_seconds
+    status: HealthStatus = "ok"
+    if not reachable:
+        status = "database unreachable"
+    elif behind:
+        status = "catching up with the change feed"
     cfg = services.model.config
     return HealthResponse(
-        status="ok" if reachable else "database unreachable",
-        ready=reachable,
+        status=status,
+        ready=status == "ok",
         model=HealthModel(
             id=services.model.model_id,
             device=services.device,
@@ -39,7 +47,19 @@ def health(services: Services | None, settings: Settings) -> HealthResponse:
             dim=cfg.embed_dim,
         ),
         index=index_health(services),
+        feed=feed,
         **common,
+    )
+
+
+def feed_health(services: Services, settings: Settings) -> HealthFeed:
+    lag = services.index.feed_lag
+    return HealthFeed(
+        position=lag.position,
+        head=lag.head,
+        lag_rows=lag.rows,
+        lag_seconds=round(lag.seconds(), 3),
+        max_lag_seconds=settings.max_feed_lag_s,
     )
 
 

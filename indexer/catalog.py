@@ -163,6 +163,16 @@ class Change(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class FeedHorizon(Base):
+    """How far one model's change feed was pruned: its changes with a seq up to `pruned_through` may be gone."""
+
+    __tablename__ = "feed_horizons"
+
+    model_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    pruned_through: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
 class IdAllocator(Base):
     """Next free segment id on SQLite (PostgreSQL uses the segments id sequence)."""
 

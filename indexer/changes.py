@@ -7,18 +7,28 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from typing import NamedTuple
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from indexer.catalog import Change
+from indexer.catalog import Change, FeedHorizon
+from indexer.db import utcnow
 from model.openmp import release_openmp_threads
 
 logger = logging.getLogger(__name__)
 
 
-def latest_seq(session: Session) -> int:
-    return session.scalar(select(func.max(Change.seq))) or 0
+def latest_seq(session: Session, model_id: str | None = None) -> int:
+    """The newest seq in the feed, or in one model's feed, counting pruned changes too."""
+    newest, pruned = select(func.max(Change.seq)), select(func.max(FeedHorizon.pruned_through))
+    if model_id is not None:
+        newest, pruned = (
+            newest.where(Change.model_id == model_id),
+            pruned.where(FeedHorizon.model_id == model_id),
+        )
+    return max(session.scalar(newest) or 0, session.scalar(pruned) or 0)
 
 
 def changes_since(session: Session, seq: int, model_id: str | None = None, limit: int = 1000) -> list[Change]:
@@ -29,9 +39,55 @@ def changes_since(session: Session, seq: int, model_id: str | None = None, limit
     return list(session.scalars(stmt.order_by(Change.seq).limit(limit)))
 
 
+def feed_horizon(session: Session, model_id: str) -> int:
+    """Changes of the model with a seq up to this one may have been pruned (0: none were)."""
+    return session.scalar(select(FeedHorizon.pruned_through).where(FeedHorizon.model_id == model_id)) or 0
+
+
+@dataclass(frozen=True)
+class FeedLag:
+    """Where a follower stands in its model's feed, as of its last read.
+
+    `rows` counts the model's changes committed but not read yet; `oldest_unread_at` is the `created_at`
+    of the first of them (stamped by the writer's clock), None when there are none.
+    """
+
+    position: int
+    head: int
+    rows: int = 0
+    oldest_unread_at: datetime | None = None
+
+    def seconds(self, now: datetime | None = None) -> float:
+        """How long the oldest unread change has been waiting (0 when nothing is unread)."""
+        if self.oldest_unread_at is None:
+            return 0.0
+        return max(0.0, ((now or utcnow()) - self.oldest_unread_at).total_seconds())
+
+
+def feed_lag(session: Session, model_id: str, position: int, read_up_to: int) -> FeedLag:
+    """The model's changes above `read_up_to` (the highest seq read): how many, the newest, the oldest's time.
+
+    Served by the (model_id, seq) index: only this model's entries are visited.
+    """
+    mine_after = (Change.model_id == model_id, Change.seq > read_up_to)
+    rows, head = session.execute(select(func.count(), func.max(Change.seq)).where(*mine_after)).one()
+    oldest = session.scalar(select(Change.created_at).where(*mine_after).order_by(Change.seq).limit(1))
+    return FeedLag(position, head or read_up_to, rows, oldest)
+
+
+class _Row(NamedTuple):
+    seq: int
+    segment_id: int
+    op: str
+
+
+class FeedPrunedError(RuntimeError):
+    """The feed was pruned past a follower's position and it has no way to reload its index."""
+
+
 @dataclass
 class _Gap:
-    """Seqs lo..hi (inclusive) not seen yet: still being committed, or rolled back."""
+    """Seqs lo..hi (inclusive) not seen yet: still being committed, rolled back, or another model's."""
 
     lo: int
     hi: int
@@ -41,13 +97,18 @@ class _Gap:
 class ChangeFollower:
     """Applies one model's changes, in seq order, through `apply_add` / `apply_delete`.
 
-    On PostgreSQL a transaction can commit a seq below one already visible, so a missing seq is
-    kept as a gap and re-read for `gap_grace_s` seconds before it is given up (a rolled-back
-    transaction leaves gaps that never fill). `last_seq` is the seq below which everything was
-    applied: persist it with the index and pass it back as `start_seq`. Seqs missing just below
-    `start_seq` (within `lookback`) are watched as gaps too, since a snapshot taken at `start_seq`
-    cannot contain changes that committed after it. Apply callbacks must therefore tolerate an id
-    they have already seen (after a restart from `last_seq`).
+    Only this model's rows are read (by the (model_id, seq) index). Seqs between them belong to other
+    models or are not committed yet: on PostgreSQL a transaction can commit a seq below one already
+    visible. Such a range is kept as a gap until every seq in it is committed (counted, not fetched), and
+    re-read for this model's rows meanwhile; after `gap_grace_s` seconds it is given up (a rolled-back
+    transaction leaves seqs that never fill). `last_seq` is the seq below which everything was applied:
+    persist it with the index and pass it back as `start_seq`. Seqs just below `start_seq` (within
+    `lookback`) are watched as gaps too, since a snapshot taken at `start_seq` cannot contain changes that
+    committed after it. Apply callbacks must therefore tolerate an id they have already seen.
+
+    When the feed was pruned (`indexer compact`) past `last_seq`, the rows this follower still needs
+    may be gone: it calls `reload(horizon)`, which must rebuild the index from a snapshot or the catalog
+    covering at least `horizon` and return the seq it covers, and follows on from there.
     """
 
     def __init__(
@@ -59,6 +120,7 @@ class ChangeFollower:
         start_seq: int,
         interval_s: float = 0.25,
         *,
+        reload: Callable[[int], int] | None = None,
         batch_size: int = 1000,
         gap_grace_s: float = 10.0,
         lookback: int = 1000,
@@ -68,24 +130,32 @@ class ChangeFollower:
         self._factory = session_factory
         self.model_id = model_id
         self._apply = {"add": apply_add, "delete": apply_delete}
+        self._reload = reload
         self.interval_s = interval_s
         self._batch_size = batch_size
         self._grace_s = gap_grace_s
         self._lookback = lookback
         self._max_backoff_s = max_backoff_s
         self._clock = clock
-        self._high = start_seq  # highest seq seen
-        self._gaps: list[_Gap] = []
-        self._looked_back = start_seq <= 0
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._restart_at(start_seq)
+
+    def _restart_at(self, seq: int) -> None:
+        self._high = seq  # every seq up to here was read, is another model's, or is in a gap
+        self._gaps: list[_Gap] = []
+        self._looked_back = seq <= 0
+        # Published whole, so readers (a snapshot, /health) never wait for a poll in progress.
+        self.lag = FeedLag(seq, seq)
 
     @property
     def last_seq(self) -> int:
-        """Every change with a seq up to this one has been applied (or given up on)."""
-        with self._lock:
-            return self._gaps[0].lo - 1 if self._gaps else self._high
+        """Every change of this model with a seq up to this one has been applied (or given up on)."""
+        return self.lag.position
+
+    def _position(self) -> int:
+        return self._gaps[0].lo - 1 if self._gaps else self._high
 
     def poll(self) -> int:
         """Apply what is new; returns how many of this model's changes were applied."""
@@ -93,46 +163,92 @@ class ChangeFollower:
             with self._factory() as session:
                 if not self._looked_back:
                     self._watch_below_start(session)
-                rows = self._read(session)
+                settled = self._settled_gaps(session)  # counted before the read: none of ours can slip by
+                position = self._position()
+                rows, more = self._read(session)
+                horizon = feed_horizon(session, self.model_id)
+            if horizon > position:
+                self._restart_below(horizon, position)
+                return 0
             applied = self._apply_in_order(rows)
+            self._gaps = [g for g in self._gaps if not any(lo <= g.lo and g.hi <= hi for lo, hi in settled)]
             self._expire_gaps()
+            self._publish(more)
             return applied
 
+    def measure(self) -> FeedLag:
+        """Count what is unread now (a poll only does when its read was full) and publish it."""
+        with self._lock:
+            self._publish(more=True)
+            return self.lag
+
+    def _publish(self, more: bool) -> None:
+        if more:
+            with self._factory() as session:
+                self.lag = feed_lag(session, self.model_id, self._position(), self._high)
+        else:
+            self.lag = FeedLag(self._position(), self._high)
+
+    def _restart_below(self, horizon: int, position: int) -> None:
+        if self._reload is None:
+            raise FeedPrunedError(
+                f"the change feed of {self.model_id} was pruned through seq {horizon}, past this follower's "
+                f"position {position}; reload the index from its snapshot (or rebuild it) and follow from there"
+            )
+        logger.warning(
+            "the change feed of %s was pruned through seq %d, past this index's position %d; reloading it",
+            self.model_id,
+            horizon,
+            position,
+        )
+        self._restart_at(self._reload(horizon))
+        self._publish(more=True)
+
     def _watch_below_start(self, session: Session) -> None:
-        lo = max(1, self._high - self._lookback + 1)
-        present = set(session.scalars(select(Change.seq).where(Change.seq >= lo, Change.seq <= self._high)))
+        lo = max(1, self._high - self._lookback + 1, feed_horizon(session, self.model_id) + 1)
+        hi = self._high
+        self._looked_back = True
+        if lo > hi or _committed(session, lo, hi) == hi - lo + 1:
+            return
+        # Some seq is missing: find which (seq numbers only, at most `lookback` of them, once).
+        present = set(session.scalars(select(Change.seq).where(Change.seq.between(lo, hi))))
         now = self._clock()
-        for seq in range(lo, self._high + 1):
+        for seq in range(lo, hi + 1):
             if seq not in present:
                 self._add_gap(seq, seq, now)
-        self._looked_back = True
 
-    def _read(self, session: Session) -> list[Change]:
-        rows = changes_since(session, self._high, None, self._batch_size)
+    def _settled_gaps(self, session: Session) -> list[tuple[int, int]]:
+        """Gaps whose every seq is committed now (to some model)."""
+        return [(g.lo, g.hi) for g in self._gaps if _committed(session, g.lo, g.hi) == g.hi - g.lo + 1]
+
+    def _read(self, session: Session) -> tuple[list[_Row], bool]:
+        """This model's rows above the high mark and in the gaps, in seq order; and whether more are waiting.
+
+        Plain (seq, segment_id, op) tuples: building ORM objects cost several times the query on a replay.
+        """
+        mine = select(Change.seq, Change.segment_id, Change.op).where(Change.model_id == self.model_id)
+        above = mine.where(Change.seq > self._high).order_by(Change.seq).limit(self._batch_size)
+        rows = [_Row(*r) for r in session.execute(above)]
+        more = len(rows) >= self._batch_size
         if self._gaps:
             in_gap = or_(*(Change.seq.between(g.lo, g.hi) for g in self._gaps))
-            rows += session.scalars(select(Change).where(in_gap).order_by(Change.seq).limit(self._batch_size))
-        return sorted(rows, key=lambda c: c.seq)
+            stmt = mine.where(in_gap).order_by(Change.seq).limit(self._batch_size)
+            rows += [_Row(*r) for r in session.execute(stmt)]
+        return sorted(rows, key=lambda c: c.seq), more
 
-    def _apply_in_order(self, rows: Sequence[Change]) -> int:
+    def _apply_in_order(self, rows: Sequence[_Row]) -> int:
         """Apply runs of same-op changes; a run's seqs count as seen only once its callback returned."""
         applied = 0
-        run: list[Change] = []
-        run_op: str | None = None
+        run: list[_Row] = []
         for row in [*rows, None]:
-            mine = row is not None and row.model_id == self.model_id
-            if row is None or (mine and run_op is not None and row.op != run_op):
-                ids = [c.segment_id for c in run if c.model_id == self.model_id]
-                if ids and run_op is not None:
-                    self._apply[run_op](ids)
-                    applied += len(ids)
+            if run and (row is None or row.op != run[0].op):
+                self._apply[run[0].op]([c.segment_id for c in run])
+                applied += len(run)
                 for change in run:
                     self._mark_seen(change.seq)
-                run, run_op = [], None
+                run = []
             if row is not None:
                 run.append(row)
-                if mine:
-                    run_op = row.op
         return applied
 
     def _mark_seen(self, seq: int) -> None:
@@ -194,10 +310,15 @@ class ChangeFollower:
                 self._stop.wait(delay)
                 continue
             failures = 0
-            # A full batch means more is waiting: read on without sleeping.
-            if applied < self._batch_size:
+            # More waiting: read on without sleeping.
+            if not self.lag.rows:
                 if applied:
                     # Adding to an HNSW index ran faiss's OpenMP pool in this thread; an idle pool left
                     # alive slows the search thread's (model.openmp).
                     release_openmp_threads()
                 self._stop.wait(self.interval_s)
+
+
+def _committed(session: Session, lo: int, hi: int) -> int:
+    """How many seqs in lo..hi are committed, to any model (an index-only count: no rows are fetched)."""
+    return session.scalar(select(func.count()).select_from(Change).where(Change.seq.between(lo, hi))) or 0

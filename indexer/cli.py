@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from indexer import catalog
 from indexer.db import DatabaseNotMigratedError, make_engine, make_session_factory, session_scope
+from indexer.feed_compaction import DEFAULT_RETENTION_S, RETENTION_ENV, retention_from_env
 from indexer.paths import DataDir
 from indexer.schema import AUTO_MIGRATE_ENV, auto_migrate_from_env, ensure_schema
 
@@ -330,6 +332,23 @@ def _verify_text(report: Any) -> str:
     return "\n".join(lines)
 
 
+def cmd_compact(env: Env) -> int:
+    from indexer.feed_compaction import compact_feed
+
+    report = compact_feed(env.data, env.sessions(), env.args.retention_s)
+    lines = [
+        f"{m.model_id}: pruned {m.pruned} change row(s) through seq {m.horizon}, {m.kept} kept"
+        if m.snapshot_seq is not None
+        else f"{m.model_id}: no index snapshot, so nothing pruned ({m.kept} change row(s) kept)"
+        for m in report.models
+    ]
+    total = (
+        f"pruned {report.pruned} change row(s) older than {report.retention_s:g} s that the snapshots cover"
+    )
+    env.emit(report.to_dict(), "\n".join([*lines, total]))
+    return 0
+
+
 def cmd_stats(env: Env) -> int:
     factory = env.sessions()
     with session_scope(factory) as session:
@@ -489,6 +508,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fix what disagrees (re-encodes damaged videos; deletes stray files of interrupted uploads)",
     )
+    p = add("compact", cmd_compact, "prune change-feed rows that every model's index snapshot covers")
+    p.description = (
+        "Prune the change feed: delete each model's change rows that its index snapshot on disk covers and "
+        "that are older than the retention window, and record how far each feed was pruned. A running "
+        "API replica whose position is below that finds out and reloads the snapshot (or rebuilds its index) "
+        "instead of missing changes. A model without a snapshot keeps its rows. The service and the other "
+        "commands also prune after each snapshot they save."
+    )
+    p.add_argument(
+        "--retention-s",
+        type=_seconds,
+        default=_env_retention(),
+        help=f"keep changes younger than this many seconds even when a snapshot covers them (env {RETENTION_ENV}; "
+        f"default {DEFAULT_RETENTION_S:g})",
+    )
     add("stats", cmd_stats, "counts of videos, segments and jobs")
     p = add("rm", cmd_rm, "delete videos: gone from search at once, files freed after")
     p.add_argument("video_ids", nargs="+", type=int, metavar="VIDEO_ID")
@@ -502,6 +536,23 @@ def _index_device(value: str) -> str:
         return check_index_device(value)
     except IndexDeviceError as e:
         raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {value!r}")
+    return seconds
+
+
+def _env_retention() -> float:
+    try:
+        return retention_from_env()
+    except ValueError as e:
+        raise SystemExit(f"indexer: {e}") from None
 
 
 def _env_int(name: str) -> int | None:

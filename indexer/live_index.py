@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import faiss
 import numpy as np
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from indexer import catalog
-from indexer.changes import ChangeFollower, latest_seq
+from indexer.changes import ChangeFollower, FeedLag, latest_seq
 from indexer.db import session_scope
+from indexer.feed_compaction import prune_model, retention_from_env
 from indexer.index_device import resolve_index_device
 from indexer.paths import DataDir
 from indexer.token_store import TokenStore
@@ -31,7 +34,6 @@ from model.tokenbinder import TokenBinder
 logger = logging.getLogger(__name__)
 
 _READ_CHUNK = 4096
-_CATCH_UP_ROUNDS = 1000  # polls of up to 1000 changes each before serving; the thread does the rest
 # Candidates an approximate index returns for exact re-scoring from the stored CLS vectors when `rerank`
 # is not set: docs/deploy.md section 4 measured R@10 0.97-1.00 with 40 on compressed indexes.
 DEFAULT_RERANK = 40
@@ -104,10 +106,15 @@ class LiveIndex:
         ef_search: int | None = None,
         rerank: int | None = None,
         device: str = "cpu",
+        catch_up_s: float | None = None,
+        feed_retention_s: float | None = None,
     ) -> None:
         self.data, self._factory, self.model_id = data, session_factory, model_id
         self.dim, self.num_frames, self._wanted_factory = dim, num_frames, factory
         self.follow_interval_s = follow_interval_s
+        # open() replays the feed for at most this long (None: to the end); the follower thread does the rest.
+        self._catch_up_s = catch_up_s
+        self._feed_retention_s = feed_retention_s  # None: TVS_FEED_RETENTION_S, read when a snapshot is saved
         try:  # a knob for another index type fails here, at start-up, not at the first search
             VectorIndex(dim, factory, nprobe=nprobe, ef_search=ef_search)
         except ValueError as e:
@@ -167,10 +174,12 @@ class LiveIndex:
             self._apply_delete,
             self._start_seq,
             self.follow_interval_s,
+            reload=self._reload_below_horizon,
         )
-        for _ in range(_CATCH_UP_ROUNDS):
-            if not self._follower.poll():
-                break
+        deadline = time.monotonic() + (self._catch_up_s if self._catch_up_s is not None else float("inf"))
+        self._follower.poll()
+        while self._follower.lag.rows and time.monotonic() < deadline:
+            self._follower.poll()
         if self._following:
             self._follower.start()
 
@@ -251,6 +260,15 @@ class LiveIndex:
                 )
             self._index, self._start_seq = self._build(kept, vecs), seq
 
+    def _reload_below_horizon(self, horizon: int) -> int:
+        """The feed was pruned past this index's position: take the snapshot on disk when it covers
+        `horizon`, else rebuild from the catalog; returns the seq to follow on from."""
+        with self._lock:
+            if not (self._load() and self._start_seq >= horizon):
+                self._rebuild()
+                self.rebuilt = True
+            return self._start_seq
+
     def _build(self, ids: np.ndarray, vecs: np.ndarray) -> VectorIndex:
         if not len(ids):
             try:
@@ -326,6 +344,11 @@ class LiveIndex:
     def last_seq(self) -> int:
         return self._follower.last_seq if self._follower is not None else self._start_seq
 
+    @property
+    def feed_lag(self) -> FeedLag:
+        """This index's position in its model's change feed and what it has not read yet."""
+        return self._follower.lag if self._follower is not None else FeedLag(self._start_seq, self._start_seq)
+
     def ids(self) -> np.ndarray:
         return self._index.ids()
 
@@ -382,11 +405,20 @@ class LiveIndex:
         return self._store.get_tokens(np.asarray(ids, dtype=np.int64))
 
     def snapshot(self) -> dict[str, Any]:
-        """Save the index atomically with the seq it reflects; returns the manifest."""
+        """Save the index atomically with the seq it reflects, then prune the changes it covers (older than
+        the feed retention); returns the manifest."""
         with self._lock:
-            return self._index.save(
+            manifest = self._index.save(
                 self.path, {"model_id": self.model_id, "last_seq": self.last_seq, "rerank": self._rerank}
             )
+        retention = self._feed_retention_s if self._feed_retention_s is not None else retention_from_env()
+        try:
+            prune_model(self._factory, self.model_id, int(manifest["last_seq"]), retention)
+        except (sa_exc.OperationalError, sa_exc.InterfaceError) as e:
+            logger.warning(
+                "snapshot saved, but the change feed was not pruned (%s); `indexer compact` does it", e
+            )
+        return manifest
 
 
 def snapshot_manifest(data: DataDir, model_id: str) -> dict[str, Any]:

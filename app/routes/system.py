@@ -24,7 +24,8 @@ router = APIRouter(tags=["system"])
     responses={
         503: {
             "model": HealthResponse,
-            "description": "not ready: the model or index is not loaded, or the database is unreachable",
+            "description": "not ready: the model or index is not loaded, the database is unreachable, or "
+            "the index is more than TVS_MAX_FEED_LAG_S behind the change feed (`feed` says how far)",
         }
     },
 )
@@ -42,5 +43,7 @@ async def get_metrics(request: Request, metrics: MetricsDep) -> Response:
     services: Services | None = getattr(request.app.state, "services", None)
     size = services.index.size if services is not None else 0
     info = (services.index.device, services.index.factory) if services is not None else None
+    lag = services.index.feed_lag if services is not None else None
     jobs = await run_in_threadpool(jobs_by_state, services)
-    return Response(metrics.render(size, jobs, info), media_type=CONTENT_TYPE_LATEST)
+    feed = (lag.seconds(), lag.rows) if lag is not None else (0.0, 0)
+    return Response(metrics.render(size, jobs, info, feed), media_type=CONTENT_TYPE_LATEST)

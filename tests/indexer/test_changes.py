@@ -7,8 +7,9 @@ import logging
 import threading
 
 import pytest
+from sqlalchemy import Result, event
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 
 from indexer import catalog
 from indexer.catalog import Change, NewSegment
@@ -99,6 +100,53 @@ def test_follower_applies_adds_and_deletes_of_its_model(session_factory: session
     assert feed.poll() == 0
 
 
+def test_follower_reads_only_its_models_rows(session_factory: sessionmaker[Session]) -> None:
+    fetched: list[dict] = []
+
+    def capture(state: ORMExecuteState) -> Result:
+        rows = state.invoke_statement().freeze()
+        fetched.extend(dict(row._mapping) for row in rows().all())
+        return rows()
+
+    _, first = index_video(session_factory, 1, 2)
+    _, theirs = index_video(session_factory, 2, 3, OTHER)
+    _, second = index_video(session_factory, 3, 1)
+    theirs += index_video(session_factory, 4, 2, OTHER)[1]
+    event.listen(session_factory, "do_orm_execute", capture)
+    try:
+        recorder = Recorder()
+        feed = follower(session_factory, recorder)
+        assert feed.poll() == 3
+        assert feed.last_seq == 2  # seqs 3..5 may still be committing until they are counted
+        assert feed.poll() == 0
+        with session_scope(session_factory) as session:
+            assert feed.last_seq == latest_seq(session, MODEL) == 6
+    finally:
+        event.remove(session_factory, "do_orm_execute", capture)
+    assert recorder.calls == [("add", first + second)]
+    assert fetched and not any(row.get("segment_id") in theirs for row in fetched)
+    assert {row["model_id"] for row in fetched if "model_id" in row} <= {MODEL}
+
+
+def test_follower_reports_how_far_behind_it_is(session_factory: sessionmaker[Session]) -> None:
+    _, ids = index_video(session_factory, 1, 5)
+    recorder = Recorder()
+    feed = follower(session_factory, recorder, batch_size=2)
+    assert (feed.lag.position, feed.lag.rows, feed.lag.seconds()) == (0, 0, 0.0)
+    assert feed.measure().rows == 5
+    feed.poll()
+    lag = feed.lag
+    with session_scope(session_factory) as session:
+        third = session.get(Change, 3)
+        assert third is not None
+        assert (lag.position, lag.head, lag.rows, lag.oldest_unread_at) == (2, 5, 3, third.created_at)
+    assert lag.seconds() > 0
+    while feed.lag.rows:
+        feed.poll()
+    assert (feed.lag.position, feed.lag.head, feed.lag.rows, feed.lag.seconds()) == (5, 5, 0, 0.0)
+    assert recorder.ids("add") == ids
+
+
 def test_add_then_delete_in_one_poll_keeps_their_order(session_factory: sessionmaker[Session]) -> None:
     recorder = Recorder()
     feed = follower(session_factory, recorder)
@@ -120,7 +168,7 @@ def test_a_seq_committed_late_is_not_skipped(session_factory: sessionmaker[Sessi
     put_change(session_factory, 4, 104, OTHER)
     assert feed.poll() == 1
     assert recorder.ids("add") == [101, 103, 102]
-    assert feed.last_seq == 4
+    assert feed.last_seq == 3  # seq 4 is another model's: a position counts in the follower's own feed
 
 
 def test_a_gap_is_given_up_after_the_grace_period(

@@ -17,7 +17,17 @@ from model.checkpoint import load_model, save_checkpoint
 from synth.generator import write_pattern_video
 from synth.media import write_format_samples, write_tone
 
-COMMANDS = ["migrate", "add", "worker", "reindex", "rebuild-index", "verify", "stats", "rm"]
+COMMANDS = [
+    "migrate",
+    "add",
+    "worker",
+    "reindex",
+    "rebuild-index",
+    "verify",
+    "compact",
+    "stats",
+    "rm",
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -145,6 +155,40 @@ def test_verify_repair_reencodes_and_reindex_switches_models(cli, tmp_path: Path
     code, _, err = cli("add", str(lib))
     assert code == 2 and "indexer reindex --model" in err, "the old model is refused after the switch"
     assert cli("verify", model=str(other))[0] == 0
+
+
+def test_compact_prunes_what_the_snapshots_cover(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lib = _library(tmp_path / "lib", 3)
+    code, out, _ = cli("add", str(lib), "--json")
+    assert code == 0 and json.loads(out)["indexed"] == 3
+    model_id = json.loads(cli("stats", "--json")[1])["active_model"]
+    code, out, _ = cli("compact")
+    assert code == 0 and out.splitlines() == [
+        f"{model_id}: pruned 0 change row(s) through seq 0, 3 kept",
+        "pruned 0 change row(s) older than 600 s that the snapshots cover",
+    ], "younger than the default retention: kept"
+
+    assert cli("rm", "1")[0] == 0  # a delete the snapshot `add` saved does not cover
+    code, out, _ = cli("compact", "--retention-s", "0", "--json")
+    report = json.loads(out)
+    assert code == 0 and (report["retention_s"], report["pruned"]) == (0, 3)
+    assert report["models"] == [
+        {"model_id": model_id, "snapshot_seq": 3, "pruned": 3, "horizon": 3, "kept": 1}
+    ]
+
+    monkeypatch.setenv("TVS_FEED_RETENTION_S", "0")
+    assert cli("rebuild-index")[0] == 0  # its snapshot covers the delete, and saving it prunes
+    code, out, _ = cli("compact", "--json")
+    assert json.loads(out)["models"][0] == {
+        "model_id": model_id, "snapshot_seq": 4, "pruned": 0, "horizon": 4, "kept": 0
+    }  # fmt: skip
+    assert cli("verify")[0] == 0
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli("compact", "--retention-s", "-1")
+    assert exit_info.value.code == 2 and "seconds >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.postgres

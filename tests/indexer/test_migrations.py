@@ -22,7 +22,7 @@ from indexer.db import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TABLES = {"videos", "segments", "jobs", "changes", "models", "id_allocator"}
+TABLES = {"videos", "segments", "jobs", "changes", "models", "id_allocator", "feed_horizons"}
 
 
 def _tables(url: str) -> set[str]:
@@ -49,6 +49,15 @@ def test_upgrade_downgrade_upgrade(db_url: str) -> None:
     assert _tables(db_url) & TABLES == set()
     upgrade_database(db_url)
     assert TABLES <= _tables(db_url)
+
+
+def test_feed_horizons_revision_downgrades_to_the_initial_schema(db_url: str) -> None:
+    upgrade_database(db_url)
+    downgrade_database(db_url, "0001")
+    assert _tables(db_url) & TABLES == TABLES - {"feed_horizons"}
+    upgrade_database(db_url)
+    assert TABLES <= _tables(db_url)
+    assert _diff(db_url) == []
 
 
 def test_migrated_schema_matches_models(db_url: str) -> None:
