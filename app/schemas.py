@@ -164,7 +164,7 @@ class SearchResponse(BaseModel):
     best_guesses: list[SearchHit] = Field(
         description="when no_good_match: up to `limit` best hits anyway, each below_threshold; else empty"
     )
-    cutoff: CutoffInfo
+    cutoff: CutoffInfo = Field(description="the cut-off this search applied, and where it came from")
     offset: int = Field(description="how many results came before this page")
     next_page_token: str | None = Field(
         description="send it back as page_token for the next page; null when there is none "
@@ -259,7 +259,7 @@ class HealthCutoff(BaseModel):
     broad_min_score: float | None = Field(description="default cut-off of a search without rerank")
     precision_target: float | None = Field(description="top-1 precision it was calibrated for")
     validation_queries: int | None = Field(description="validation queries it was measured on")
-    calibrated_at: str | None
+    calibrated_at: str | None = Field(description="when it was measured (ISO 8601, UTC)")
     note: str = Field(description="where the cut-off comes from, or why there is none")
 
 

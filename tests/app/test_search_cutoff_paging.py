@@ -296,3 +296,27 @@ def test_the_model_s_calibrated_cut_off_is_the_default_and_health_says_so(
         cutoff = client.get("/health").json()["model"]["cutoff"]
         assert cutoff["min_score"] is None and "small-000000000000" in cutoff["note"]
         assert _search(client, limit=4).json()["cutoff"]["source"] == "none"
+
+
+def test_the_openapi_schema_documents_every_new_field(library):
+    spec = library["client"].get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    documented = {
+        "SearchRequest": ["min_score", "page_token"],
+        "SearchFilterIn": ["meta"],
+        "SearchResponse": ["results", "no_good_match", "best_guesses", "cutoff", "offset", "next_page_token"],
+        "SearchHit": ["below_threshold"],
+        "CutoffInfo": ["min_score", "source", "precision_target"],
+        "HealthCutoff": [
+            "min_score",
+            "broad_min_score",
+            "precision_target",
+            "validation_queries",
+            "calibrated_at",
+            "note",
+        ],
+    }
+    for name, fields in documented.items():
+        for field in fields:
+            assert schemas[name]["properties"][field].get("description"), (name, field)
+    assert "400" in spec["paths"]["/search"]["post"]["responses"]
