@@ -169,7 +169,7 @@ def thumbnail_file(session: Session, data: DataDir, *, segment_id: int) -> Path 
     return path
 
 
-def hit_public(hit: Hit, rank: int) -> SearchHit:
+def hit_public(hit: Hit, rank: int, below_threshold: bool = False) -> SearchHit:
     seg = hit.segment
     return SearchHit(
         rank=rank,
@@ -186,4 +186,5 @@ def hit_public(hit: Hit, rank: int) -> SearchHit:
         evidence_time=round(hit.evidence_time, 3) if hit.evidence_time is not None else None,
         thumbnail_url=thumbnail_url(seg.id) if seg.has_thumbnail else None,
         media_url=f"{media_url(seg.video_id)}#t={seg.start_s:.3f},{seg.end_s:.3f}",
+        below_threshold=below_threshold,
     )

@@ -12,16 +12,25 @@ from pydantic import (
     ConfigDict,
     Field,
     HttpUrl,
+    StrictStr,
+    StringConstraints,
     WithJsonSchema,
     field_validator,
     model_validator,
 )
+
+from app.page_tokens import MAX_RESULT_DEPTH
 
 logger = logging.getLogger(__name__)
 
 MAX_QUERY_CHARS = 1000
 MAX_TITLE_CHARS = 500
 MAX_FILTER_VIDEO_IDS = 1000
+MAX_FILTER_META_KEYS = 20
+MAX_PAGE_TOKEN_CHARS = 512
+
+MetaKey = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+MetaValue = Annotated[StrictStr, StringConstraints(max_length=1000)]
 
 
 def _date_text(value: Any) -> Any:
@@ -60,6 +69,13 @@ class SearchFilterIn(BaseModel):
     created_before: DateTimeText | None = Field(
         default=None, description="exclusive; UTC when no zone is given"
     )
+    meta: dict[MetaKey, MetaValue] | None = Field(
+        default=None,
+        max_length=MAX_FILTER_META_KEYS,
+        description="videos whose meta (the JSON object given at upload) holds every one of these keys "
+        'with exactly this string value, e.g. {"camera": "gopro"}; values must be strings '
+        f"(up to {MAX_FILTER_META_KEYS} keys)",
+    )
 
     @field_validator("created_after", "created_before")
     @classmethod
@@ -91,6 +107,21 @@ class SearchRequest(BaseModel):
     )
     group_by: Literal["segment", "video"] = "segment"
     filter: SearchFilterIn | None = None
+    min_score: float | None = Field(
+        default=None,
+        ge=0,
+        allow_inf_nan=False,
+        description="hits scoring below this are not results (score: two-stage with rerank, else broad); "
+        "omitted or null: the model's calibrated cut-off (GET /health, model.cutoff), none if it has "
+        "none; 0 keeps every hit with a non-negative score",
+    )
+    page_token: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_PAGE_TOKEN_CHARS,
+        description="the next_page_token of the previous response, for the page after it; with the "
+        f"same query, filter, rerank, group_by and min_score (paging stops at result {MAX_RESULT_DEPTH})",
+    )
 
     @field_validator("query")
     @classmethod
@@ -131,6 +162,9 @@ class SearchHit(BaseModel):
     )
     thumbnail_url: str | None
     media_url: str = Field(description="the video with a #t=start,end media fragment")
+    below_threshold: bool = Field(
+        default=False, description="true for a best guess that scored below the cut-off (best_guesses)"
+    )
 
 
 class ModelInfo(BaseModel):
@@ -139,9 +173,32 @@ class ModelInfo(BaseModel):
     reranked: bool = Field(description="whether the focused view ran for this query")
 
 
+class CutoffInfo(BaseModel):
+    min_score: float | None = Field(description="the cut-off this search applied; null: none")
+    source: Literal["request", "model", "none"] = Field(
+        description="request: the request's min_score; model: the model's calibrated cut-off; "
+        "none: no min_score and the model has no calibration"
+    )
+    precision_target: float | None = Field(
+        description="with source model: the top-1 precision the cut-off was calibrated for"
+    )
+
+
 class SearchResponse(BaseModel):
     query: str
-    results: list[SearchHit]
+    results: list[SearchHit] = Field(description="this page's hits at or above the cut-off, best first")
+    no_good_match: bool = Field(
+        description="true when a cut-off applied and no hit reached it; best_guesses then holds the best hits"
+    )
+    best_guesses: list[SearchHit] = Field(
+        description="when no_good_match: up to `limit` best hits anyway, each below_threshold; else empty"
+    )
+    cutoff: CutoffInfo = Field(description="the cut-off this search applied, and where it came from")
+    offset: int = Field(description="how many results came before this page")
+    next_page_token: str | None = Field(
+        description="send it back as page_token for the next page; null when there is none "
+        f"(the last result, or result {MAX_RESULT_DEPTH} reached)"
+    )
     timings_ms: dict[str, float] = Field(
         description="per stage (encode, faiss, catalog, tokens, rerank) for the batch this query ran in, "
         "plus queue (waiting for the batch) and total"
@@ -242,6 +299,15 @@ class VideosPublic(BaseModel):
     limit: int
 
 
+class HealthCutoff(BaseModel):
+    min_score: float | None = Field(description="default cut-off of a search with rerank; null: none")
+    broad_min_score: float | None = Field(description="default cut-off of a search without rerank")
+    precision_target: float | None = Field(description="top-1 precision it was calibrated for")
+    validation_queries: int | None = Field(description="validation queries it was measured on")
+    calibrated_at: str | None = Field(description="when it was measured (ISO 8601, UTC)")
+    note: str = Field(description="where the cut-off comes from, or why there is none")
+
+
 class HealthModel(BaseModel):
     id: str
     device: str
@@ -249,6 +315,7 @@ class HealthModel(BaseModel):
     top_k: int
     num_frames: int
     dim: int
+    cutoff: HealthCutoff
 
 
 class HealthIndex(BaseModel):

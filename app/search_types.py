@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,6 +23,7 @@ class SearchFilter:
     max_duration_s: float | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
+    meta: tuple[tuple[str, str], ...] | None = None  # (key, value) pairs the video's meta must hold, all
 
     @property
     def active(self) -> bool:
@@ -36,6 +37,8 @@ class SearchQuery:
     rerank: bool = True
     group_by: Literal["segment", "video"] = "segment"
     filter: SearchFilter = field(default_factory=SearchFilter)
+    offset: int = 0  # hits to skip (a page token's position)
+    min_score: float | None = None  # hits scoring below it are not results; None: no cut-off
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class SegmentInfo:
     has_thumbnail: bool
     duration_s: float | None
     created_at: datetime
+    meta: dict[str, Any] | None = None  # the video's meta; loaded only for a query that filters on it
 
 
 @dataclass(frozen=True)
@@ -63,10 +67,11 @@ class Hit:
 
 @dataclass
 class SearchOutcome:
-    hits: list[Hit]
+    hits: list[Hit]  # ranked hits at or above min_score, from the first: up to offset + limit + 1
     timings_ms: dict[str, float]
     batch_size: int
     reranked: bool
+    below: list[Hit] = field(default_factory=list)  # when no hit reaches min_score: the best ones anyway
 
 
 def passes(info: SegmentInfo, f: SearchFilter) -> bool:
@@ -79,18 +84,26 @@ def passes(info: SegmentInfo, f: SearchFilter) -> bool:
         return False
     if f.created_after is not None and info.created_at <= f.created_after:
         return False
-    return not (f.created_before is not None and info.created_at >= f.created_before)
+    if f.created_before is not None and info.created_at >= f.created_before:
+        return False
+    # Equality on strings only: {"fps": 30} stored as a number never equals the filter's "30".
+    return f.meta is None or all((info.meta or {}).get(key) == value for key, value in f.meta)
 
 
-def load_segment_infos(session_factory: sessionmaker[Session], ids: Sequence[int]) -> dict[int, SegmentInfo]:
+def load_segment_infos(
+    session_factory: sessionmaker[Session], ids: Sequence[int], with_meta: bool = False
+) -> dict[int, SegmentInfo]:
     """Catalog rows for segment ids; ids whose segment was deleted are simply absent.
 
     One joined SELECT of the columns a result needs (not ORM objects): this runs once per batch, on
-    the latency path of every query.
+    the latency path of every query. The videos' JSON meta is read only when a query filters on it.
     """
     out: dict[int, SegmentInfo] = {}
-    cols = (Segment.id, Segment.video_id, Video.title, Video.filename, Segment.ordinal, Segment.start_s,
-            Segment.end_s, Segment.thumbnail, Video.duration_s, Video.created_at)  # fmt: skip
+    cols: tuple[Any, ...] = (Segment.id, Segment.video_id, Video.title, Video.filename, Segment.ordinal,
+                             Segment.start_s, Segment.end_s, Segment.thumbnail, Video.duration_s,
+                             Video.created_at)  # fmt: skip
+    if with_meta:
+        cols = (*cols, Video.meta)
     with session_factory() as session:
         for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit is 999 on old builds
             chunk = [int(i) for i in ids[start : start + 900]]
@@ -107,5 +120,6 @@ def load_segment_infos(session_factory: sessionmaker[Session], ids: Sequence[int
                     has_thumbnail=bool(row.thumbnail),
                     duration_s=row.duration_s,
                     created_at=row.created_at,
+                    meta=row.meta if with_meta else None,
                 )
     return out

@@ -13,6 +13,7 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.batching import MicroBatcher
+from app.cutoff import DefaultCutoff
 from app.search_types import (
     Hit,
     SearchOutcome,
@@ -54,6 +55,8 @@ class _Pending:
 class Searcher:
     """Runs batches of queries through both stages; `search()` is the async entry used by the routes.
 
+    A page past the first (`offset`) ranks the same hits again and skips to it; under a cut-off
+    (`min_score`) the hits below it are dropped, a video's best-ranked segment standing for it when grouped.
     Filters and grouping over-fetch from FAISS: a filtered query first asks for 8x the hits it needs
     (a grouped one 4x), drops the ones the catalog rows reject (deleted, other videos, duration or
     creation date outside the range), and if too few survive asks again for 4x more, up to the whole
@@ -71,8 +74,10 @@ class Searcher:
         batch_max_size: int = 8,
         batch_max_wait_s: float = 0.003,
         observe: Callable[[str, float], None] | None = None,
+        default_cutoff: DefaultCutoff | None = None,
     ) -> None:
         self.model = model
+        self.default_cutoff = default_cutoff or DefaultCutoff(None, "no cut-off: none was given")
         self.index = index
         self._factory = session_factory
         self.top_k = min(top_k or model.config.top_k, model.config.top_k)
@@ -123,19 +128,30 @@ class Searcher:
         if self._observe is not None:
             for stage in (*STAGES, "total"):
                 self._observe(stage, timings[stage] / 1000)
-        return [
-            SearchOutcome(self._finish(p), dict(timings), len(queries), p.deltas is not None) for p in pending
-        ]
+        outcomes = []
+        for p in pending:
+            hits, below = self._finish(p)
+            outcomes.append(SearchOutcome(hits, dict(timings), len(queries), p.deltas is not None, below))
+        return outcomes
 
     def _need(self, q: SearchQuery) -> int:
-        return max(q.limit, self.top_k if q.rerank else 0)
+        # One hit past the page tells whether another page exists. Under a cut-off up to k of the
+        # re-ranked top-k may fall below it (their delta is not known yet), so k more are fetched.
+        cut = self.top_k if q.rerank and q.min_score is not None else 0
+        return max(q.offset + q.limit + 1 + cut, self.top_k if q.rerank else 0)
 
     def _enough(self, p: _Pending) -> bool:
-        need = self._need(p.query)
-        if p.query.group_by == "video":
-            videos = {info.video_id for info, _ in p.cands}
-            return len(videos) >= p.query.limit and len(p.cands) >= (self.top_k if p.query.rerank else 0)
-        return len(p.cands) >= need
+        q = p.query
+        k = self.top_k if q.rerank else 0
+        if len(p.cands) < k:
+            return False
+        found = len({info.video_id for info, _ in p.cands}) if q.group_by == "video" else len(p.cands)
+        if found >= self._need(q):
+            return True
+        # Past the re-ranked top-k a hit's score is its broad score, which FAISS returns in descending
+        # order: once one is below the cut-off, every later one is too.
+        below = q.min_score is not None and len(p.cands) > k and p.cands[-1][1] < q.min_score
+        return below and found >= q.limit
 
     def _broad(self, pending: list[_Pending], i1: np.ndarray, size: int, timings: dict[str, float]) -> None:
         fetch = []
@@ -153,7 +169,8 @@ class Searcher:
         while rows:
             t = time.perf_counter()
             wanted = {int(i) for r in rows for i in ids[r][: fetch[r]] if i >= 0}
-            infos = load_segment_infos(self._factory, sorted(wanted))
+            with_meta = any(pending[r].query.filter.meta is not None for r in rows)
+            infos = load_segment_infos(self._factory, sorted(wanted), with_meta)
             timings["catalog"] += _ms(t)
             retry = []
             for r in rows:
@@ -228,7 +245,17 @@ class Searcher:
             pending[n].deltas = np.where(mask[b, :m], delta[b, :m], 0.0)
             pending[n].evidence = np.where(mask[b, :m], evidence[b, :m], -1)
 
-    def _finish(self, p: _Pending) -> list[Hit]:
+    def _finish(self, p: _Pending) -> tuple[list[Hit], list[Hit]]:
+        """The ranked hits that reach the cut-off (from the first, one past the page), and, when none
+        does, the best `limit` hits anyway."""
+        q = p.query
+        hits = self._ranked(p)
+        if q.min_score is None:
+            return hits[: q.offset + q.limit + 1], []
+        passing = [h for h in hits if h.score >= q.min_score]
+        return passing[: q.offset + q.limit + 1], [] if passing else hits[: q.limit]
+
+    def _ranked(self, p: _Pending) -> list[Hit]:
         hits = []
         for rank, (info, s) in enumerate(p.cands, start=1):
             delta = ev = None
@@ -249,7 +276,7 @@ class Searcher:
                     seen.add(hit.segment.video_id)
                     grouped.append(hit)
             hits = grouped
-        return hits[: p.query.limit]
+        return hits
 
 
 def _frame_time(start: float, end: float, frame: int, num_frames: int) -> float:

@@ -9,6 +9,7 @@ import torch
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.cutoff import load_default_cutoff
 from app.ingestion import Ingestor
 from app.metrics import Metrics
 from app.searcher import Searcher
@@ -110,6 +111,7 @@ def open_services(settings: Settings, metrics: Metrics) -> Services:
             batch_max_size=settings.batch_max_size,
             batch_max_wait_s=settings.batch_max_wait_ms / 1000,
             observe=metrics.observe_stage,
+            default_cutoff=load_default_cutoff(settings.model, model.model_id),
         )
         searcher.warm_up()
         # Searches run in the batch thread from now on: an OpenMP pool left alive in this loading thread

@@ -8,7 +8,8 @@ from typing import Any
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
-from app.schemas import HealthFeed, HealthIndex, HealthModel, HealthResponse, HealthStatus
+from app.cutoff import DefaultCutoff
+from app.schemas import HealthCutoff, HealthFeed, HealthIndex, HealthModel, HealthResponse, HealthStatus
 from app.services import Services
 from app.settings import Settings
 from indexer import catalog
@@ -45,6 +46,7 @@ def health(services: Services | None, settings: Settings) -> HealthResponse:
             top_k=services.searcher.top_k,
             num_frames=cfg.num_frames,
             dim=cfg.embed_dim,
+            cutoff=cutoff_health(services.searcher.default_cutoff),
         ),
         index=index_health(services),
         feed=feed,
@@ -60,6 +62,18 @@ def feed_health(services: Services, settings: Settings) -> HealthFeed:
         lag_rows=lag.rows,
         lag_seconds=round(lag.seconds(), 3),
         max_lag_seconds=settings.max_feed_lag_s,
+    )
+
+
+def cutoff_health(default: DefaultCutoff) -> HealthCutoff:
+    cal = default.calibration
+    return HealthCutoff(
+        min_score=default.min_score(rerank=True),
+        broad_min_score=default.min_score(rerank=False),
+        precision_target=cal.precision_target if cal else None,
+        validation_queries=cal.queries if cal else None,
+        calibrated_at=cal.created_at if cal else None,
+        note=default.note,
     )
 
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from model.calibrate import calibrate_clips
+from model.calibration import CALIBRATION_FILE, DEFAULT_PRECISION, write_calibration
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.data import ClipSet, FrameCache, UniqueVideoBatchSampler, default_cache_dir, prepare_clips
 from model.distributed import DistContext, barrier, shard, wrap_model
@@ -307,6 +309,22 @@ def train(
     return summary
 
 
+def calibrate_folders(
+    folders: Sequence[Path], val_clips: ClipSet, precision: float, source: str, ctx: DistContext
+) -> None:
+    """The default score cut-off of each saved checkpoint, measured on its own weights (an fp16 export
+    scores a little differently from the fp32 model in memory)."""
+    for folder in folders:
+        saved = load_checkpoint(folder, ctx.device)
+        calibration = calibrate_clips(saved, val_clips, precision, source)
+        write_calibration(folder, calibration)
+        logger.info(
+            "%s: %s",
+            folder / CALIBRATION_FILE,
+            json.dumps({k: dataclasses.asdict(v) for k, v in calibration.cutoffs.items()}),
+        )
+
+
 def _validate(model: TokenBinder, val_clips: ClipSet, group_key: str | None) -> dict[str, Any]:
     metrics = evaluate_clips(model, val_clips, group_key=group_key)
     record: dict[str, Any] = {}
@@ -389,6 +407,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--export-dtype", choices=("fp32", "fp16"), default="fp32", help="weights dtype of --export"
     )
+    p.add_argument(
+        "--calibrate-precision",
+        type=float,
+        default=DEFAULT_PRECISION,
+        help="with --val-manifest: store the score cut-off at this top-1 precision on the validation set "
+        f"beside the final model ({CALIBRATION_FILE}, as `python -m model.calibrate`; "
+        f"default: {DEFAULT_PRECISION}; 0: do not calibrate)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -449,6 +475,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 save_checkpoint(
                     model, args.export, dtype=torch.float16 if args.export_dtype == "fp16" else None
                 )
+            if val_clips is not None and args.calibrate_precision > 0:
+                folders = [args.out / MODEL_DIR] + ([args.export] if args.export is not None else [])
+                calibrate_folders(folders, val_clips, args.calibrate_precision, str(args.val_manifest), ctx)
             print(json.dumps({k: summary[k] for k in ("model_id", "steps", "train_seconds")}))
     finally:
         shutdown(ctx)

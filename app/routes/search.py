@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException, status
 
 from app.batching import BatcherClosedError
 from app.deps import MetricsDep, SearcherDep
+from app.page_tokens import PageTokenError
 from app.schemas import Problem, SearchRequest, SearchResponse
 from app.search_service import run_search
 
@@ -20,7 +21,10 @@ router = APIRouter(tags=["search"])
     "/search",
     response_model=SearchResponse,
     responses={
-        400: {"model": Problem, "description": "the body is not JSON text (e.g. not valid UTF-8)"},
+        400: {
+            "model": Problem,
+            "description": "a page_token that does not fit this search, or a body that is not JSON text",
+        },
         503: {"model": Problem, "description": "starting or shutting down"},
     },
     summary="Find the moments that match a sentence",
@@ -28,5 +32,7 @@ router = APIRouter(tags=["search"])
 async def search(body: SearchRequest, searcher: SearcherDep, metrics: MetricsDep) -> SearchResponse:
     try:
         return await run_search(searcher, body, metrics)
+    except PageTokenError as e:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(e)) from e
     except BatcherClosedError as e:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(e)) from e

@@ -4,7 +4,7 @@
 const KEY_STORAGE = "tvs-api-key";
 const $ = (id) => document.getElementById(id);
 
-const state = { health: null, lastQuery: "", searching: false };
+const state = { health: null, lastQuery: "", searching: false, lastBody: null, nextToken: null };
 
 // ---- helpers ------------------------------------------------------------------------------------
 function fmtTime(seconds) {
@@ -67,22 +67,57 @@ async function refreshHealth() {
 }
 
 // ---- search -------------------------------------------------------------------------------------
-async function search(query) {
+// The search in the address bar (?q=…&limit=…): shareable, and back/forward walk through searches.
+function searchUrl(query) {
+  const params = new URLSearchParams({ q: query });
+  params.set("limit", $("opt-limit").value);
+  if (!$("opt-rerank").checked) params.set("rerank", "0");
+  if ($("opt-group").checked) params.set("group", "video");
+  const minScore = new URLSearchParams(location.search).get("min_score");
+  if (minScore !== null) params.set("min_score", minScore);
+  return `?${params}`;
+}
+
+function applyUrl() {
+  const params = new URLSearchParams(location.search);
+  const limit = params.get("limit");
+  if (limit && /^\d+$/.test(limit)) {
+    const select = $("opt-limit");
+    if (![...select.options].some((o) => o.value === limit)) select.add(new Option(limit));
+    select.value = limit;
+  }
+  $("opt-rerank").checked = params.get("rerank") !== "0";
+  $("opt-group").checked = params.get("group") === "video";
+  const query = params.get("q") || "";
+  $("query").value = query;
+  return query;
+}
+
+async function search(query, { push = true } = {}) {
   query = query.trim();
   if (!query) {
     showMessage("Type a few words describing the moment you are looking for.", "info");
     return;
   }
+  if (push && location.search !== searchUrl(query)) history.pushState({ q: query }, "", searchUrl(query));
   state.lastQuery = query;
-  state.searching = true;
-  $("search-button").disabled = true;
-  $("summary").textContent = "Searching…";
   const body = {
     query,
     limit: Number($("opt-limit").value),
     rerank: $("opt-rerank").checked,
     group_by: $("opt-group").checked ? "video" : "segment",
   };
+  const minScore = new URLSearchParams(location.search).get("min_score");
+  if (minScore !== null) body.min_score = Number(minScore);
+  state.lastBody = body;
+  await runSearch(body, false);
+}
+
+async function runSearch(body, append) {
+  state.searching = true;
+  $("search-button").disabled = true;
+  $("more").disabled = true;
+  if (!append) $("summary").textContent = "Searching…";
   try {
     const response = await fetch("/search", {
       method: "POST",
@@ -92,25 +127,43 @@ async function search(query) {
     if (!response.ok) {
       $("summary").textContent = "";
       $("results").replaceChildren();
+      $("no-match").hidden = true;
+      $("more").hidden = true;
       showMessage(await errorText(response), "error");
       return;
     }
-    renderResults(await response.json());
+    renderResults(await response.json(), append);
   } catch (err) {
     showMessage(`The search could not reach the server (${err.message}).`, "error");
   } finally {
     state.searching = false;
     $("search-button").disabled = false;
+    $("more").disabled = false;
   }
 }
 
-function renderResults(data) {
+function moreResults() {
+  if (state.nextToken && state.lastBody) runSearch({ ...state.lastBody, page_token: state.nextToken }, true);
+}
+
+function renderResults(data, append) {
   const list = $("results");
-  list.replaceChildren();
+  if (!append) list.replaceChildren();
+  state.nextToken = data.next_page_token;
+  $("more").hidden = !data.next_page_token;
   const t = data.timings_ms;
   $("timings").textContent = ["encode", "faiss", "tokens", "rerank"]
     .map((k) => `${k} ${t[k].toFixed(1)} ms`).join(" · ") + ` · total ${t.total.toFixed(1)} ms`;
-  if (!data.results.length) {
+  // No hit reached the cut-off: say so, and show the best guesses below it.
+  $("no-match").hidden = !data.no_good_match;
+  if (data.no_good_match) {
+    const cut = data.cutoff.source === "model"
+      ? `the model's cut-off (score ${data.cutoff.min_score.toFixed(3)}, calibrated for ${Math.round(100 * data.cutoff.precision_target)}% precision)`
+      : `your minimum score ${data.cutoff.min_score}`;
+    $("no-match-text").textContent = `Nothing for “${data.query}” reached ${cut}. The best guesses are below; they may be wrong.`;
+  }
+  const shown = data.no_good_match ? data.best_guesses : data.results;
+  if (!shown.length && !append) {
     $("summary").textContent = "";
     const empty = state.health && state.health.index && state.health.index.size === 0;
     showMessage(empty
@@ -120,14 +173,18 @@ function renderResults(data) {
   }
   showMessage("");
   const reranked = data.model.reranked ? ` · re-ranked top ${data.model.top_k} with the focused view` : "";
-  $("summary").textContent = `${data.results.length} moment${data.results.length === 1 ? "" : "s"} for “${data.query}”${reranked}`;
-  const scores = data.results.map((r) => r.broad_score).concat(data.results.map((r) => r.score));
+  const count = list.children.length + shown.length;
+  $("summary").textContent = data.no_good_match
+    ? `${shown.length} best guess${shown.length === 1 ? "" : "es"} for “${data.query}”${reranked}`
+    : `${count} moment${count === 1 ? "" : "s"} for “${data.query}”${reranked}`;
+  const scores = shown.map((r) => r.broad_score).concat(shown.map((r) => r.score));
   const lo = Math.min(0, ...scores);
   const hi = Math.max(...scores, lo + 1e-6);
   const pct = (v) => `${(100 * (v - lo)) / (hi - lo)}%`;
   const template = $("result-template");
-  for (const r of data.results) {
+  for (const r of shown) {
     const item = template.content.firstElementChild.cloneNode(true);
+    if (r.below_threshold) item.classList.add("guess");
     item.dataset.videoId = r.video_id;
     item.dataset.segmentId = r.segment_id;
     const img = item.querySelector("img");
@@ -367,6 +424,14 @@ async function loadExamples() {
 // ---- wiring -------------------------------------------------------------------------------------
 function init() {
   loadExamples();
+  const initial = applyUrl();
+  if (initial) search(initial, { push: false });
+  window.addEventListener("popstate", () => {
+    const query = applyUrl();
+    if (query) search(query, { push: false });
+    else { state.lastQuery = ""; $("results").replaceChildren(); $("summary").textContent = ""; $("no-match").hidden = true; $("more").hidden = true; }
+  });
+  $("more").addEventListener("click", moreResults);
   $("search-form").addEventListener("submit", (e) => { e.preventDefault(); search($("query").value); });
   for (const id of ["opt-rerank", "opt-group", "opt-limit"]) {
     $(id).addEventListener("change", () => { if (state.lastQuery) search(state.lastQuery); });

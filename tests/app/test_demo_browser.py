@@ -1,10 +1,12 @@
-"""The demo page in headless Chromium: upload a generated clip, wait for it, search its caption, play it."""
+"""The demo page in headless Chromium: upload a clip, search its caption, play it; the URL, paging, no match."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
+from urllib.parse import parse_qs, quote, urlparse
 
 import httpx
 import pytest
@@ -72,8 +74,16 @@ def test_upload_search_and_play_in_a_browser(serve, new_database, clips, tmp_pat
             cards = page.locator("#results .card")
             sync_api.expect(cards.first).to_be_visible(timeout=20_000)
             sync_api.expect(cards.first.locator(".card-title")).to_have_text(target["caption"])
-            sync_api.expect(page.locator("#summary")).to_contain_text("moment")
-            sync_api.expect(cards.first).to_have_class("card has-evidence", timeout=10_000)
+            # The model's own cut-off applies: the page says "No good match" exactly when the API does.
+            answer = httpx.post(f"{base}/search", json={"query": target["caption"], "limit": 12}).json()
+            no_match = page.locator("#no-match")
+            if answer["no_good_match"]:
+                sync_api.expect(no_match).to_be_visible()
+                sync_api.expect(page.locator("#summary")).to_contain_text("best guess")
+            else:
+                sync_api.expect(no_match).to_be_hidden()
+                sync_api.expect(page.locator("#summary")).to_contain_text("moment")
+            sync_api.expect(cards.first).to_have_class(re.compile(r"\bhas-evidence\b"), timeout=10_000)
 
             cards.first.locator(".card-button").click()
             sync_api.expect(page.locator("#player")).to_be_visible()
@@ -84,6 +94,35 @@ def test_upload_search_and_play_in_a_browser(serve, new_database, clips, tmp_pat
             page.locator("#results").scroll_into_view_if_needed()
             shot = artifacts / "demo-results.png"
             page.screenshot(path=str(shot), full_page=True)
+
+            # The search lives in the address bar, and back/forward walk through searches.
+            assert parse_qs(urlparse(page.url).query)["q"] == [target["caption"]]
+            page.fill("#query", "a second search")
+            page.press("#query", "Enter")
+            sync_api.expect(page.locator("#summary")).to_contain_text("a second search", timeout=20_000)
+            assert parse_qs(urlparse(page.url).query)["q"] == ["a second search"]
+            page.go_back()
+            sync_api.expect(page.locator("#query")).to_have_value(target["caption"])
+            sync_api.expect(page.locator("#summary")).to_contain_text(target["caption"], timeout=20_000)
+            page.go_forward()
+            sync_api.expect(page.locator("#query")).to_have_value("a second search")
+            sync_api.expect(page.locator("#summary")).to_contain_text("a second search", timeout=20_000)
+
+            # A shared link runs its search; "More results" follows the page token.
+            page.goto(f"{base}/?q={quote(target['caption'])}&limit=2&min_score=0")
+            sync_api.expect(page.locator("#query")).to_have_value(target["caption"])
+            sync_api.expect(cards).to_have_count(min(2, len(family) if trained else 1), timeout=20_000)
+            if trained:
+                page.click("#more")
+                sync_api.expect(cards).to_have_count(4, timeout=20_000)
+                sync_api.expect(cards.nth(3).locator(".rank")).to_have_text("#4")
+            # A cut-off nothing reaches: "No good match", and the best guesses under it.
+            page.goto(f"{base}/?q={quote(target['caption'])}&min_score=100")
+            sync_api.expect(no_match).to_be_visible(timeout=20_000)
+            sync_api.expect(no_match).to_contain_text("No good match")
+            sync_api.expect(page.locator("#results .card.guess")).to_have_count(len(family) if trained else 1)
+            sync_api.expect(cards.first.locator(".card-title")).to_have_text(target["caption"])
+            sync_api.expect(page.locator("#more")).to_be_hidden()
             browser.close()
     assert shot.stat().st_size > 10_000
     assert not problems, problems

@@ -24,6 +24,20 @@ def test_demo_model_is_a_small_checkpoint_under_20_mb():
     assert model.model_id.startswith("small-")
 
 
+def test_demo_model_ships_a_cut_off_calibrated_on_its_own_weights():
+    from model.calibration import read_calibration
+    from model.checkpoint import load_model
+
+    calibration = read_calibration(DEMO)
+    assert calibration is not None, "python -m model.calibrate assets/demo-model (TRAINING.md)"
+    assert calibration.model_id == load_model(str(DEMO)).model_id
+    assert calibration.queries == json.loads((DEMO / "metrics.json").read_text())["n_queries"]
+    two_stage = calibration.cutoffs["two_stage"]
+    assert two_stage.min_score is not None and two_stage.precision is not None
+    assert two_stage.precision >= calibration.precision_target == 0.75
+    assert "model.calibrate" in (DEMO / "TRAINING.md").read_text()
+
+
 def test_demo_model_ships_its_evaluation_and_the_command_that_made_it():
     metrics = json.loads((DEMO / "metrics.json").read_text())
     for direction in ("t2v", "v2t"):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from model.calibration import read_calibration
 from model.checkpoint import load_model
 from model.data import FrameCache, prepare_clips
 from model.manifest import read_manifest
@@ -162,6 +163,12 @@ def test_cli_trains_on_generated_clips_and_exports_fp16(tmp_path, capsys):
     assert released.indicators.dtype == torch.float32
     assert torch.allclose(released.indicators, trained.indicators, atol=1e-3)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["model_id"] == trained.model_id
+    # Each saved model carries its own cut-off, measured on its own weights over the validation set.
+    for folder, saved in ((out / "model", trained), (export, released)):
+        calibration = read_calibration(folder)
+        assert calibration is not None and calibration.model_id == saved.model_id
+        assert calibration.precision_target == 0.9 and calibration.queries == 6
+        assert calibration.validation_set == str(lib.test)
 
 
 def test_cli_needs_a_model_and_explains_options(tmp_path, capsys):
