@@ -20,7 +20,9 @@ CAMERAS = ["gopro", "gopro", "gopro", "phone", "phone", "drone"]
 def library(request, new_database, launch, tmp_path_factory, clips) -> Iterator[dict[str, Any]]:
     """The 12 generated clips; each video's meta names a camera (two a lens; `n` is a number)."""
     folder = tmp_path_factory.mktemp("nomatch_lib")
-    with launch(folder / "data", new_database(request.param)) as client:
+    # fp32: the paging test compares the order of two separate searches, and bf16 scores of two segments
+    # can tie within its rounding and swap between runs (seen: 0.49901 against 0.49879).
+    with launch(folder / "data", new_database(request.param), precision="fp32") as client:
         ids, metas = [], []
         for n, clip in enumerate(clips):
             meta: dict[str, Any] = {"camera": CAMERAS[n % len(CAMERAS)], "n": n}
