@@ -37,10 +37,12 @@ def test_claim_takes_oldest_first_and_complete_finishes(session_factory: session
         assert job.finished_at is not None
         assert jobs.counts_by_state(session) == {
             "queued": 0,
+            "downloading": 0,
             "decoding": 1,
             "encoding": 0,
             "ready": 1,
             "failed": 0,
+            "cancelled": 0,
         }
 
 
