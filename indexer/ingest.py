@@ -110,6 +110,13 @@ def discover(paths: Iterable[str | os.PathLike[str]], recursive: bool = True) ->
     return [f.path for f in scan(paths, recursive).found]
 
 
+def classify(file: Path) -> Found | str:
+    """What a folder scan makes of one file: a Found for a likely video, else the reason it is skipped."""
+    if file.name.startswith("."):
+        return "hidden file"
+    return _classify(file)
+
+
 def _classify(file: Path) -> Found | str:
     """A Found for a likely video, else the reason to skip it (from the name and the first bytes only)."""
     suffix = file.suffix.lower()

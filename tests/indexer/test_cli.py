@@ -17,7 +17,7 @@ from indexer.synth import write_pattern_video
 from indexer.synth_media import write_format_samples, write_tone
 from model.checkpoint import load_model, save_checkpoint
 
-COMMANDS = ["migrate", "add", "worker", "reindex", "rebuild-index", "verify", "stats", "rm", "synth"]
+COMMANDS = ["migrate", "add", "worker", "watch", "reindex", "rebuild-index", "verify", "stats", "rm", "synth"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
