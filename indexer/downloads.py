@@ -40,9 +40,12 @@ def download_job(worker: Worker, job: Download) -> VideoTask | None:
             worker.data.incoming,
             worker.max_download_bytes,
             on_bytes=lambda done, total: worker.download_progress(job.job_id, done, total),
-            cancelled=lambda: worker.job_cancelled(job.job_id),
+            cancelled=lambda: worker.stopping() or worker.job_cancelled(job.job_id),
         )
     except DownloadCancelledError:
+        if worker.stopping():  # shutting down: the next worker downloads it again from the start
+            with session_scope(worker.factory) as session:
+                jobs.release(session, job.job_id, worker_id=worker.worker_id)
         return None
     except UrlFetchError as e:
         return _fail(worker, job, str(e), retryable=e.retryable)

@@ -231,6 +231,23 @@ def set_state(
     return job
 
 
+def release(session: Session, job_id: int, *, worker_id: str, now: datetime | None = None) -> Job | None:
+    """Give a claimed job back to the queue untouched (this worker is stopping): the try does not count."""
+    now = now or utcnow()
+    job = _owned(session, job_id, worker_id)
+    if job is not None and job.state in ACTIVE_STATES:
+        job.state, job.attempts, job.lease_owner, job.lease_expires_at = (
+            "queued",
+            job.attempts - 1,
+            None,
+            None,
+        )
+        job.run_after, job.bytes_done, job.bytes_total, job.progress = now, None, None, 0.0
+        session.flush()
+        return job
+    return None
+
+
 def set_download(
     session: Session, job_id: int, done: int, total: int | None, *, worker_id: str | None = None
 ) -> Job | None:

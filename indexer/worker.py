@@ -120,6 +120,7 @@ class Worker:
         self.fetcher = fetcher or UrlFetcher()  # the default refuses private addresses
         self.max_download_bytes = max_download_bytes
         self._cancel_checked: dict[int, tuple[float, bool]] = {}  # job id -> (monotonic time, cancelled)
+        self._running: threading.Event | None = None
 
     # --- public -----------------------------------------------------------------------------------------
     def run_once(self) -> bool:
@@ -136,6 +137,7 @@ class Worker:
     ) -> None:
         """Process jobs until `stop_event` is set, or (with `until`) once nothing is claimable and until() holds."""
         stop = stop_event or self._stop
+        self._running = stop  # a download in progress ends early when it is set
         self._prepare()
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeat_loop, args=(done,), name="heartbeat", daemon=True)
@@ -323,6 +325,10 @@ class Worker:
                 jobs.set_download(session, job_id, done, total, worker_id=self.worker_id)
         except Exception:
             logger.exception("could not record the download progress of job %s", job_id)
+
+    def stopping(self) -> bool:
+        """Whether run() was asked to stop (a long download gives its job back instead of finishing)."""
+        return self._running is not None and self._running.is_set()
 
     def job_cancelled(self, job_id: int) -> bool:
         """Whether the job is no longer this worker's to run (cancelled, or taken over); read at most every
