@@ -15,8 +15,8 @@ from app.searcher import Searcher
 from app.security import check_api_key, presented_key
 from app.services import Services
 from app.settings import Settings
-from app.url_fetch import UrlFetcher
 from indexer.paths import DataDir
+from indexer.url_fetch import UrlFetcher
 
 logger = logging.getLogger(__name__)
 

@@ -13,10 +13,12 @@ from starlette.concurrency import run_in_threadpool
 
 from app.schemas import MAX_TITLE_CHARS, IngestSourceIn
 from app.uploads import BadUploadError, ReceivedFile, UploadTooLargeError, parse_meta, receive_multipart
-from app.url_fetch import UrlFetcher
+from indexer import jobs
+from indexer.db import session_scope
 from indexer.ingest import IngestResult, ingest_file
 from indexer.ingest import delete_video as indexer_delete_video
 from indexer.paths import DataDir
+from indexer.url_fetch import UrlFetcher
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,13 @@ class SourceNotFoundError(Exception):
 
 class BadSourceError(ValueError):
     """A server path that cannot be a file name at all (relative, NUL bytes)."""
+
+
+@dataclass(frozen=True)
+class QueuedDownload:
+    """A URL accepted for download: the job makes the video once it has the bytes."""
+
+    job_id: int
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,12 @@ class Ingestor:
             mode="in_place",
         )
 
+    def from_url(self, url: str, *, title: str | None, meta: dict[str, Any] | None) -> QueuedDownload:
+        """Queue a job that downloads the URL, then indexes it (the worker does both)."""
+        with session_scope(self.session_factory) as session:
+            job = jobs.enqueue(session, "ingest", None, self.model_id, url=url, title=title, meta=meta)
+            return QueuedDownload(job.id)
+
     def delete(self, video_id: int) -> list[int] | None:
         return indexer_delete_video(self.session_factory, self.data, video_id)
 
@@ -117,8 +132,9 @@ class UnsupportedBodyError(ValueError):
 
 async def ingest_request(
     request: Request, ingestor: Ingestor, fetcher: UrlFetcher, *, max_upload_bytes: int
-) -> IngestResult:
-    """POST /videos: a multipart upload, or JSON naming a server path or a URL; all streamed, never whole."""
+) -> IngestResult | QueuedDownload:
+    """POST /videos: a multipart upload, or JSON naming a server path or a URL (checked, then downloaded by
+    the worker inside its job); bodies are streamed, never held whole."""
     content_type = request.headers.get("content-type", "")
     incoming = ingestor.data.incoming
     if content_type.startswith("multipart/form-data"):
@@ -146,10 +162,9 @@ async def ingest_request(
     spec = IngestSourceIn.model_validate_json(body)
     if spec.path is not None:
         return await run_in_threadpool(ingestor.from_path, spec.path, title=spec.title, meta=spec.meta)
-    received = await fetcher.fetch(str(spec.url), incoming, max_upload_bytes)
-    return await run_in_threadpool(
-        ingestor.from_received, received, title=spec.title, meta=spec.meta, source=str(spec.url)
-    )
+    url = str(spec.url)
+    await fetcher.check(url)  # a refused scheme or address is a 403 now, not a failed job later
+    return await run_in_threadpool(ingestor.from_url, url, title=spec.title, meta=spec.meta)
 
 
 async def read_limited(request: Request, limit: int) -> bytes:

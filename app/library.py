@@ -8,7 +8,15 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.schemas import JobPublic, SearchHit, SegmentPublic, VideoDetail, VideoPublic, VideosPublic
+from app.schemas import (
+    JobPublic,
+    JobsPublic,
+    SearchHit,
+    SegmentPublic,
+    VideoDetail,
+    VideoPublic,
+    VideosPublic,
+)
 from app.search_types import Hit
 from indexer import catalog, jobs
 from indexer.catalog import Job, Segment, Video
@@ -77,16 +85,20 @@ def video_public(video: Video, thumb: int | None) -> VideoPublic:
     )
 
 
-def job_public(job: Job) -> JobPublic:
+def job_public(job: Job, video_title: str | None = None) -> JobPublic:
     return JobPublic(
         id=job.id,
         kind=job.kind,
         video_id=job.video_id,
-        state=job.state,
+        state=job.state,  # type: ignore[arg-type]  # the catalog's check constraint holds it to JobState
         progress=job.progress,
         error=job.error,
         attempts=job.attempts,
         max_attempts=job.max_attempts,
+        url=job.url,
+        title=video_title or job.title,
+        bytes_done=job.bytes_done,
+        bytes_total=job.bytes_total,
         created_at=job.created_at,
         updated_at=job.updated_at,
         finished_at=job.finished_at,
@@ -124,9 +136,27 @@ def get_video_detail(session: Session, *, video_id: int) -> VideoDetail | None:
     )
 
 
+def _video_titles(session: Session, video_ids: list[int]) -> dict[int, str | None]:
+    if not video_ids:
+        return {}
+    rows = session.execute(select(Video.id, Video.title).where(Video.id.in_(video_ids))).tuples()
+    return {video_id: title for video_id, title in rows}
+
+
 def get_job(session: Session, *, job_id: int) -> JobPublic | None:
     job = jobs.get_job(session, job_id)
-    return job_public(job) if job is not None else None
+    if job is None:
+        return None
+    titles = _video_titles(session, [job.video_id] if job.video_id is not None else [])
+    return job_public(job, titles.get(job.video_id or 0))
+
+
+def list_jobs(session: Session, *, state: str | None, limit: int, cursor: int | None) -> JobsPublic:
+    rows, total = jobs.list_jobs(session, state=state, limit=limit + 1, before=cursor)
+    page = rows[:limit]  # one more was read only to know whether there is a next page
+    titles = _video_titles(session, [j.video_id for j in page if j.video_id is not None])
+    data = [job_public(j, titles.get(j.video_id or 0)) for j in page]
+    return JobsPublic(data=data, count=total, next_cursor=page[-1].id if len(rows) > limit else None)
 
 
 def media_file(session: Session, data: DataDir, *, video_id: int) -> tuple[Path, str] | None:

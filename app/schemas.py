@@ -241,24 +241,41 @@ class IngestSourceIn(BaseModel):
 
 
 class IngestResponse(BaseModel):
-    video_id: int
+    video_id: int | None = Field(description="null for a URL until its job has downloaded it")
     job_id: int | None
-    status: str = Field(description="the video's status: pending, indexing, ready or failed")
+    status: str = Field(
+        description="the video's status: pending, indexing, ready or failed; queued for a URL to download"
+    )
     duplicate_of: int | None = Field(description="set when an identical file was already in the library")
+
+
+JobState = Literal["queued", "downloading", "decoding", "encoding", "ready", "failed", "cancelled"]
 
 
 class JobPublic(BaseModel):
     id: int
     kind: str
-    video_id: int | None
-    state: str = Field(description="queued, decoding, encoding, ready or failed")
-    progress: float
-    error: str | None
+    video_id: int | None = Field(description="null while a URL job has not downloaded its video yet")
+    state: JobState = Field(
+        description="queued, downloading (a URL), decoding, encoding, ready, failed or cancelled"
+    )
+    progress: float = Field(description="0..1 within the current stage")
+    error: str | None = Field(description="why the job failed or was cancelled, or why the last try failed")
     attempts: int
     max_attempts: int
+    url: str | None = Field(description="the URL a URL job downloads")
+    title: str | None = Field(description="the title of the job's video (or the one asked for a URL)")
+    bytes_done: int | None = Field(description="a URL job: bytes downloaded so far")
+    bytes_total: int | None = Field(description="a URL job: the file's size, when its server said it")
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic] = Field(description="newest first")
+    count: int = Field(description="jobs matching the filter, over all pages")
+    next_cursor: int | None = Field(description="pass as `cursor` for the next page; null on the last one")
 
 
 class SegmentPublic(BaseModel):

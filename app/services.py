@@ -14,11 +14,11 @@ from app.ingestion import Ingestor
 from app.metrics import Metrics
 from app.searcher import Searcher
 from app.settings import Settings
-from app.url_fetch import UrlFetcher
 from indexer.db import make_engine, make_session_factory
 from indexer.live_index import LiveIndex
 from indexer.paths import DataDir
 from indexer.schema import ensure_schema
+from indexer.url_fetch import UrlFetcher
 from indexer.worker import Worker, register_model
 from model.checkpoint import load_model
 from model.inference import prepare_for_inference
@@ -98,9 +98,17 @@ def open_services(settings: Settings, metrics: Metrics) -> Services:
             feed_retention_s=settings.feed_retention_s,
         ).open()
         opened.append(index)
+        fetcher = UrlFetcher(
+            allow_private=settings.allow_private_urls,
+            timeout_s=settings.url_timeout_s,
+            max_duration_s=settings.url_max_duration_s,
+            max_redirects=settings.url_max_redirects,
+        )
         worker = None
         if settings.worker:
-            worker = Worker(factory, data, model)
+            worker = Worker(
+                factory, data, model, fetcher=fetcher, max_download_bytes=settings.max_upload_bytes
+            )
             opened.append(worker)
             worker.start_thread()
         searcher = Searcher(
@@ -117,12 +125,6 @@ def open_services(settings: Settings, metrics: Metrics) -> Services:
         # Searches run in the batch thread from now on: an OpenMP pool left alive in this loading thread
         # would make every parallel op there wait on sleeping workers (model.openmp).
         release_openmp_threads()
-        fetcher = UrlFetcher(
-            allow_private=settings.allow_private_urls,
-            timeout_s=settings.url_timeout_s,
-            max_duration_s=settings.url_max_duration_s,
-            max_redirects=settings.url_max_redirects,
-        )
         ingestor = Ingestor(factory, data, model.model_id, tuple(settings.resolved_roots))
     except BaseException:
         for part in reversed(opened):

@@ -1,22 +1,20 @@
-"""Receiving files: multipart bodies and downloads streamed to data/incoming while hashing, under a size cap."""
+"""Receiving uploads: multipart bodies streamed to data/incoming while hashing, under a size cap."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
-from indexer.paths import VIDEO_EXTENSIONS
+from indexer.receive import FileSink, ReceivedFile, UploadTooLargeError, display_name, incoming_path
+
+__all__ = ["BadUploadError", "ReceivedFile", "UploadTooLargeError", "receive_multipart", "parse_meta"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,74 +23,8 @@ FILE_FIELD = "file"
 TEXT_FIELDS = ("title", "meta")
 
 
-class UploadTooLargeError(Exception):
-    """The body passed the configured size cap."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        super().__init__(
-            f"the file is larger than this server accepts ({limit:,} bytes, TVS_MAX_UPLOAD_BYTES)"
-        )
-
-
 class BadUploadError(ValueError):
     """The multipart body is malformed or does not hold what POST /videos expects."""
-
-
-@dataclass
-class ReceivedFile:
-    path: Path  # under data/incoming, named by us (never by the client)
-    sha256: str
-    size: int
-    filename: str | None  # the client's name, for display only
-    fields: dict[str, str] = field(default_factory=dict)
-
-    def discard(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-
-def display_name(filename: str | None) -> str | None:
-    """The last component of a client-supplied name, stripped of control characters, for display."""
-    if not filename:
-        return None
-    name = PurePath(filename.replace("\\", "/")).name
-    name = "".join(ch for ch in name if ch.isprintable()).strip()
-    return name[:255] or None
-
-
-def incoming_path(incoming: Path, filename: str | None) -> Path:
-    # Only the extension survives from the client's name, and only a known video one.
-    suffix = PurePath(display_name(filename) or "").suffix.lower()
-    suffix = suffix if suffix in VIDEO_EXTENSIONS else ".bin"
-    incoming.mkdir(parents=True, exist_ok=True)
-    return incoming / f"upload-{uuid.uuid4().hex}{suffix}"
-
-
-class FileSink:
-    """Writes chunks to a file while hashing and counting; raises UploadTooLargeError past `limit`."""
-
-    def __init__(self, path: Path, limit: int) -> None:
-        self.path, self.limit = path, limit
-        self.size = 0
-        self._hash = hashlib.sha256()
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in finish()/abort()
-
-    def write(self, chunk: bytes | memoryview) -> None:
-        self.size += len(chunk)
-        if self.size > self.limit:
-            raise UploadTooLargeError(self.limit)
-        self._hash.update(chunk)
-        self._file.write(chunk)
-
-    def finish(self) -> str:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        return self._hash.hexdigest()
-
-    def abort(self) -> None:
-        self._file.close()
-        self.path.unlink(missing_ok=True)
 
 
 class _MultipartReceiver:
@@ -203,24 +135,6 @@ async def receive_multipart(
         await run_in_threadpool(receiver.abort)
         raise
     return ReceivedFile(receiver.sink.path, digest, receiver.sink.size, receiver.filename, receiver.fields)
-
-
-async def receive_stream(
-    chunks: AsyncIterator[bytes], incoming: Path, limit: int, filename: str | None
-) -> ReceivedFile:
-    """Stream a raw body (a URL download) to disk while hashing."""
-    sink = await run_in_threadpool(FileSink, incoming_path(incoming, filename), limit)
-    try:
-        async for chunk in chunks:
-            if chunk:
-                await run_in_threadpool(sink.write, chunk)
-        if sink.size == 0:
-            raise BadUploadError("the download is empty")
-        digest = await run_in_threadpool(sink.finish)
-    except BaseException:
-        await run_in_threadpool(sink.abort)
-        raise
-    return ReceivedFile(sink.path, digest, sink.size, display_name(filename))
 
 
 def parse_meta(text: str | None) -> dict[str, Any] | None:

@@ -21,15 +21,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from indexer import catalog, jobs
 from indexer.catalog import Job, Segment, Video
 from indexer.db import session_scope
+from indexer.failures import not_decodable
 from indexer.ingest import IngestError, StoreMode, ingest_file, scan
 from indexer.live_index import register_model, save_snapshot
 from indexer.paths import DataDir
 from indexer.pipeline import PipelineConfig, TaskResult, VideoTask
 from indexer.worker import Worker
-from model import video
 from model.openmp import release_openmp_threads
 from model.tokenbinder import TokenBinder
-from model.video import VideoDecodeError
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +116,7 @@ def add_paths(
     try:
         for candidate in found.found:
             path = candidate.path
-            if candidate.probe and (reason := _not_decodable(path)) is not None:
+            if candidate.probe and (reason := not_decodable(path)) is not None:
                 report.skipped[str(path)] = reason
                 if on_skip is not None:
                     on_skip()
@@ -148,26 +147,6 @@ def add_paths(
     report.indexed -= report.already
     report.seconds = time.monotonic() - started
     return report
-
-
-def _not_decodable(path: Path) -> str | None:
-    """Why FFmpeg cannot use a file as a video, or None when it can."""
-    try:
-        video.probe(path)
-    except VideoDecodeError as e:
-        return skip_reason(e)
-    return None
-
-
-def skip_reason(error: VideoDecodeError) -> str:
-    """A short reason for a file FFmpeg rejected, the same for every file with the same fault."""
-    if error.reason == VideoDecodeError.NOT_A_VIDEO:
-        return f"not a video ({error.detail or 'FFmpeg cannot read it'})"
-    if error.reason == VideoDecodeError.NO_VIDEO_STREAM:
-        return "no video stream"
-    if error.reason in (VideoDecodeError.MISSING, VideoDecodeError.UNREADABLE):
-        return f"cannot read: {error.what}"
-    return f"cannot decode: {error.what}"
 
 
 def settle(

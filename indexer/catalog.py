@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 VIDEO_STATUSES = ("pending", "indexing", "ready", "failed", "deleted")
 JOB_KINDS = ("ingest", "reindex")
-JOB_STATES = ("queued", "decoding", "encoding", "ready", "failed")
+# downloading: a URL job fetching its file; cancelled: stopped by a user (DELETE /jobs/{id}), retryable.
+JOB_STATES = ("queued", "downloading", "decoding", "encoding", "ready", "failed", "cancelled")
 CHANGE_OPS = ("add", "delete")
 
 NAMING_CONVENTION = {
@@ -144,6 +145,12 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None]
+    # A URL ingest: the job downloads `url` first, then the video it makes gets `title` and `meta`.
+    url: Mapped[str | None] = mapped_column(Text)
+    title: Mapped[str | None] = mapped_column(Text)
+    meta: Mapped[dict[str, Any] | None] = mapped_column(JSON())
+    bytes_done: Mapped[int | None] = mapped_column(BigInteger)
+    bytes_total: Mapped[int | None] = mapped_column(BigInteger)  # None: the server did not say
 
 
 class Change(Base):

@@ -213,6 +213,24 @@ def cmd_worker(env: Env) -> int:
     return 0
 
 
+def cmd_watch(env: Env) -> int:
+    from indexer.watch import watch
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())  # finish the videos in hand, then exit
+    a = env.args
+
+    def say(line: str) -> None:
+        print(json.dumps({"event": line}) if a.json else line, flush=True)
+
+    watch(
+        env.sessions(), env.data, env.model(), a.folders, stop, say,
+        settle_s=a.settle_s, debounce_ms=a.debounce_ms, config=env.pipeline_config(),
+    )  # fmt: skip
+    return 0
+
+
 def cmd_reindex(env: Env) -> int:
     from indexer.bulk import reindex
 
@@ -442,6 +460,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("worker", cmd_worker, "run queued ingest jobs until stopped (SIGTERM/Ctrl-C)", [pipe])
     p.add_argument("--lease-s", type=float, default=60.0, help="job lease; renewed every third of it")
     p.add_argument("--poll-s", type=float, default=1.0, help="wait between empty queue checks")
+    p = add(
+        "watch",
+        cmd_watch,
+        "index videos as they appear or change in folders, remove deleted ones, until SIGTERM/Ctrl-C",
+        [pipe],
+    )
+    p.add_argument("folders", nargs="+", type=Path, metavar="DIR")
+    p.add_argument(
+        "--settle-s",
+        type=float,
+        default=2.0,
+        help="a new or changed file is indexed once its size and time have not changed for this long "
+        "(a file still being copied is indexed once, when complete; default 2)",
+    )
+    p.add_argument(
+        "--debounce-ms", type=int, default=500, help="group file-system events over this long (default 500)"
+    )
     p = add("reindex", cmd_reindex, "index the library with --model; switch to it when complete", [pipe])
     which = p.add_mutually_exclusive_group()
     which.add_argument("--missing", action="store_true", help="only videos without its segments (default)")

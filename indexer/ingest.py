@@ -34,6 +34,10 @@ class IngestError(Exception):
     """A file cannot be taken in (missing, not a regular file, unreadable)."""
 
 
+class JobGoneError(RuntimeError):
+    """The job a download belongs to was cancelled (or taken over) before its video was registered."""
+
+
 @dataclass(frozen=True)
 class IngestResult:
     video_id: int
@@ -104,6 +108,13 @@ def scan(paths: Iterable[str | os.PathLike[str]], recursive: bool = True) -> Sca
 def discover(paths: Iterable[str | os.PathLike[str]], recursive: bool = True) -> list[Path]:
     """The video files of `scan`, in order, without duplicates."""
     return [f.path for f in scan(paths, recursive).found]
+
+
+def classify(file: Path) -> Found | str:
+    """What a folder scan makes of one file: a Found for a likely video, else the reason it is skipped."""
+    if file.name.startswith("."):
+        return "hidden file"
+    return _classify(file)
 
 
 def _classify(file: Path) -> Found | str:
@@ -194,8 +205,12 @@ def ingest_file(
     mode: StoreMode = "copy",
     max_attempts: int = 3,
     retry_failed: bool = False,
+    job: tuple[int, str] | None = None,
 ) -> IngestResult:
     """Hash, dedupe, store and queue one file; the video row and its job commit in one transaction.
+
+    `job`: (job id, worker id) of a running URL job that downloaded the file: the new video is attached
+    to that job instead of a new one being queued (JobGoneError, nothing kept, if the job is no longer ours).
 
     `mode`: "copy" into the data directory, "move" (an upload already under incoming/), or
     "in_place" (a library file the catalog points at where it is). The same bytes ingested again
@@ -228,6 +243,46 @@ def ingest_file(
         return result
     stored = store_file(data, src, sha256, mode)
     stored_rel = data.relative(stored)
+    try:
+        result = _register(session_factory, src, sha256, size, stored_rel, taken, source, title, meta, model_id,
+                           max_attempts, job)  # fmt: skip
+    except JobGoneError:
+        if mode != "in_place":
+            stored.unlink(missing_ok=True)
+        raise
+    if result.duplicate_of is not None and mode == "move":
+        src.unlink(missing_ok=True)
+    logger.info("ingested %s as video %s (job %s)", src, result.video_id, result.job_id)
+    return result
+
+
+def _queue(
+    session: Session, video_id: int, model_id: str, max_attempts: int, job: tuple[int, str] | None
+) -> int:
+    """A new ingest job for the video, or the running URL job `job` (id, worker) taking it on."""
+    if job is None:
+        return jobs.enqueue(session, "ingest", video_id, model_id, max_attempts=max_attempts).id
+    job_id, worker_id = job
+    if jobs.attach_video(session, job_id, video_id, worker_id=worker_id) is None:
+        raise JobGoneError(f"job {job_id} was cancelled or taken over during its download")
+    return job_id
+
+
+def _register(
+    session_factory: sessionmaker[Session],
+    src: Path,
+    sha256: str,
+    size: int,
+    stored_rel: str,
+    taken: Any,
+    source: str | None,
+    title: str | None,
+    meta: dict[str, Any] | None,
+    model_id: str,
+    max_attempts: int,
+    job: tuple[int, str] | None,
+) -> IngestResult:
+    """The video row (new, revived, or a duplicate found in a race) and its job, in one transaction."""
     with session_scope(session_factory) as session:
         values: dict[str, Any] = dict(
             source=source or str(src.resolve()),
@@ -247,11 +302,9 @@ def ingest_file(
                 for key, value in values.items():
                     setattr(video, key, value)
                 video.status, video.error = "pending", None
-            job = jobs.enqueue(session, "ingest", video.id, model_id, max_attempts=max_attempts)
-            result = IngestResult(video.id, job.id, "pending", duplicate_of=None)
-    if result.duplicate_of is not None and mode == "move":
-        src.unlink(missing_ok=True)
-    logger.info("ingested %s as video %s (job %s)", src, result.video_id, result.job_id)
+            result = IngestResult(
+                video.id, _queue(session, video.id, model_id, max_attempts, job), "pending", None
+            )
     return result
 
 

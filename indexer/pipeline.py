@@ -36,6 +36,10 @@ class NoFramesError(Exception):
     """A video probed fine but gave no decodable frames."""
 
 
+class TaskCancelledError(Exception):
+    """The task's job was cancelled; the pipeline dropped it between stages and committed nothing."""
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     max_segment_s: float = 30.0  # a video up to this long is one segment
@@ -80,7 +84,9 @@ class TaskResult:
     @property
     def retryable(self) -> bool:
         # A file that cannot be decoded, or a video deleted meanwhile, will not get better by retrying.
-        return not isinstance(self.error, (VideoDecodeError, NoFramesError, VideoNotAvailableError))
+        return not isinstance(
+            self.error, (VideoDecodeError, NoFramesError, VideoNotAvailableError, TaskCancelledError)
+        )
 
 
 # --- reader ---------------------------------------------------------------------------------------------
@@ -208,6 +214,7 @@ class Writer:
 
 # --- wiring ---------------------------------------------------------------------------------------------
 ProgressHook = Callable[[VideoTask, str, float], None]
+CancelledHook = Callable[[VideoTask], bool]
 _DONE = "done"
 _IDLE_RELEASE_S = 1.0  # the encoder thread gives back its OpenMP pool after this long without work
 
@@ -223,13 +230,16 @@ def run_pipeline(
     on_progress: ProgressHook | None = None,
     config: PipelineConfig | None = None,
     stop: threading.Event | None = None,
+    cancelled: CancelledHook | None = None,
 ) -> None:
     """Decode in `config.decode_threads` threads, encode batches in this thread, write in another thread.
 
     Decoding the next segments (and videos) overlaps encoding, and batches span videos. `tasks` is
     pulled lazily (a worker claims a job only when a reader is free). Setting `stop` stops taking new
-    tasks; tasks already started finish.
+    tasks; tasks already started finish. A task for which `cancelled(task)` turns true is dropped at the
+    next stage boundary (before decoding, between segments, before writing) with TaskCancelledError.
     """
+    is_cancelled = cancelled or (lambda task: False)
     cfg = config or PipelineConfig()
     stop = stop or threading.Event()
     decoded: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=cfg.queue_segments)
@@ -247,9 +257,13 @@ def run_pipeline(
                 if task is None:
                     return
                 try:
+                    if is_cancelled(task):
+                        raise TaskCancelledError(f"job {task.job_id} was cancelled before decoding")
                     info, windows, frames = read_video(task.path, num_frames, size, cfg)
                     decoded.put(("begin", task, info, len(windows)))
                     for seg in frames:
+                        if is_cancelled(task):
+                            raise TaskCancelledError(f"job {task.job_id} was cancelled while decoding")
                         decoded.put(("seg", task, seg))
                     decoded.put(("end", task))
                 except Exception as e:  # this video's failure; the others go on
@@ -267,7 +281,9 @@ def run_pipeline(
         ahead.release()
         on_result(result)
 
-    writer_thread = threading.Thread(target=_write_loop, args=(encoded, writer, deliver), name="writer")
+    writer_thread = threading.Thread(
+        target=_write_loop, args=(encoded, writer, deliver, is_cancelled), name="writer"
+    )
     writer_thread.daemon = True
     for thread in (*readers, writer_thread):
         thread.start()
@@ -347,7 +363,10 @@ def _encode_loop(
 
 
 def _write_loop(
-    encoded: queue.Queue[tuple[Any, ...]], writer: Writer, on_result: Callable[[TaskResult], None]
+    encoded: queue.Queue[tuple[Any, ...]],
+    writer: Writer,
+    on_result: Callable[[TaskResult], None],
+    cancelled: CancelledHook,
 ) -> None:
     pending: dict[VideoTask, tuple[VideoInfo, list[EncodedSegment]]] = {}
     while (item := encoded.get())[0] != _DONE:
@@ -363,6 +382,10 @@ def _write_loop(
         elif kind == "end" and task in pending:
             info, segs = pending.pop(task)
             try:
+                if cancelled(task):
+                    raise TaskCancelledError(
+                        f"job {task.job_id} was cancelled before its segments were written"
+                    )
                 result = TaskResult(task, info, writer.commit(task, info, segs))
             except Exception as e:
                 result = TaskResult(task, info, error=e)

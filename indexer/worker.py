@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import socket
@@ -19,38 +18,29 @@ from sqlalchemy.orm import Session, sessionmaker
 from indexer import catalog, jobs
 from indexer.catalog import Job
 from indexer.db import session_scope, utcnow
+from indexer.downloads import Download, download_job
+from indexer.failures import failure_reason
 from indexer.live_index import IndexMismatchError, register_model
 from indexer.paths import DataDir
-from indexer.pipeline import Encoder, PipelineConfig, TaskResult, VideoTask, Writer, run_pipeline
+from indexer.pipeline import (
+    Encoder,
+    PipelineConfig,
+    TaskCancelledError,
+    TaskResult,
+    VideoTask,
+    Writer,
+    run_pipeline,
+)
 from indexer.token_store import TokenStore
+from indexer.url_fetch import UrlFetcher
 from model.tokenbinder import TokenBinder
 
 logger = logging.getLogger(__name__)
 
 _PROGRESS_EVERY_S = 1.0  # job progress rows are throttled: each update is a catalog write
+_CANCEL_CHECK_EVERY_S = 0.5  # how soon a running job notices DELETE /jobs/{id}: one catalog read per period
+DEFAULT_MAX_DOWNLOAD_BYTES = 2 * 1024**3
 _CLAIM_BACKOFF_MAX_S = 10.0
-_DISK_FULL = {
-    errno.ENOSPC: "is full",
-    errno.EDQUOT: "is over its quota",
-    errno.EFBIG: "hit a file-size limit",
-}
-_READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
-
-
-def failure_reason(error: BaseException) -> str:
-    """The text a failed job records: the error's own, said plainly when the data directory cannot be written."""
-    text = str(error) or type(error).__name__
-    if isinstance(error, OSError) and error.errno in _DISK_FULL:
-        return (
-            f"the data directory {_DISK_FULL[error.errno]} ({text}); "
-            "free space, then retry the video (`indexer add --retry-failed FILE`)"
-        )
-    if isinstance(error, OSError) and error.errno in _READ_ONLY:
-        return (
-            f"the data directory is read-only or not writable ({text}); "
-            "fix that, then retry the video (`indexer add --retry-failed FILE`)"
-        )
-    return text
 
 
 class LostLeaseError(RuntimeError):
@@ -77,6 +67,8 @@ class Worker:
         config: PipelineConfig | None = None,
         on_result: Callable[[TaskResult], None] | None = None,
         require_active: bool = True,
+        fetcher: UrlFetcher | None = None,
+        max_download_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES,
     ) -> None:
         self.factory, self.data, self.model = session_factory, data, model
         self.worker_id = worker_id or default_worker_id()
@@ -96,6 +88,10 @@ class Worker:
         self._require_active = require_active
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.fetcher = fetcher or UrlFetcher()  # the default refuses private addresses
+        self.max_download_bytes = max_download_bytes
+        self._cancel_checked: dict[int, tuple[float, bool]] = {}  # job id -> (monotonic time, cancelled)
+        self._running: threading.Event | None = None
 
     # --- public -----------------------------------------------------------------------------------------
     def run_once(self) -> bool:
@@ -112,6 +108,7 @@ class Worker:
     ) -> None:
         """Process jobs until `stop_event` is set, or (with `until`) once nothing is claimable and until() holds."""
         stop = stop_event or self._stop
+        self._running = stop  # a download in progress ends early when it is set
         self._prepare()
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeat_loop, args=(done,), name="heartbeat", daemon=True)
@@ -187,10 +184,26 @@ class Worker:
                 job = jobs.claim_next(session, self.worker_id, self.lease_s)
                 if job is None:
                     return None
-                task = self._task_for(session, job, mine_active=active is None or active.id == self.model_id)
+                if job.state == "downloading":
+                    download: Download | None = Download(job.id, job.url or "", job.title, job.meta)
+                    task = None
+                else:
+                    download = None
+                    task = self._task_for(
+                        session, job, mine_active=active is None or active.id == self.model_id
+                    )
+            if download is not None:
+                with self._lock:
+                    self._inflight[download.job_id] = ("downloading", time.monotonic())
+                task = download_job(self, download)
+                if task is None:
+                    with self._lock:
+                        self._inflight.pop(download.job_id, None)
+                        self._cancel_checked.pop(download.job_id, None)
+                    continue
             if task is not None:
                 with self._lock:
-                    self._inflight[job.id] = ("decoding", time.monotonic())
+                    self._inflight[task.job_id or -1] = ("decoding", time.monotonic())
                 return task
 
     def _task_for(self, session: Session, job: Job, *, mine_active: bool) -> VideoTask | None:
@@ -270,11 +283,55 @@ class Worker:
         except Exception:
             logger.exception("could not record progress of job %s", task.job_id)
 
+    def download_progress(self, job_id: int, done: int, total: int | None) -> None:
+        """A download's bytes so far, written at most every _PROGRESS_EVERY_S."""
+        now = time.monotonic()
+        with self._lock:
+            last = self._inflight.get(job_id)
+            if last is not None and now - last[1] < _PROGRESS_EVERY_S and done != total:
+                return
+            self._inflight[job_id] = ("downloading", now)
+        try:
+            with session_scope(self.factory) as session:
+                jobs.set_download(session, job_id, done, total, worker_id=self.worker_id)
+        except Exception:
+            logger.exception("could not record the download progress of job %s", job_id)
+
+    def stopping(self) -> bool:
+        """Whether run() was asked to stop (a long download gives its job back instead of finishing)."""
+        return self._running is not None and self._running.is_set()
+
+    def job_cancelled(self, job_id: int) -> bool:
+        """Whether the job is no longer this worker's to run (cancelled, or taken over); read at most every
+        _CANCEL_CHECK_EVERY_S per job."""
+        now = time.monotonic()
+        with self._lock:
+            checked = self._cancel_checked.get(job_id)
+        if checked is not None and (checked[1] or now - checked[0] < _CANCEL_CHECK_EVERY_S):
+            return checked[1]
+        try:
+            with session_scope(self.factory) as session:
+                row = session.execute(select(Job.state, Job.lease_owner).where(Job.id == job_id)).first()
+        except Exception:
+            logger.exception("could not check whether job %s was cancelled", job_id)
+            return False
+        gone = row is None or row.state not in jobs.ACTIVE_STATES or row.lease_owner != self.worker_id
+        with self._lock:
+            self._cancel_checked[job_id] = (now, gone)
+        if gone:
+            logger.info("job %s was cancelled (or taken over); stopping its work", job_id)
+        return gone
+
+    def _task_cancelled(self, task: VideoTask) -> bool:
+        return task.job_id is not None and self.job_cancelled(task.job_id)
+
     def _on_result(self, result: TaskResult) -> None:
         task = result.task
         with self._lock:
             self._inflight.pop(task.job_id or -1, None)
-        if not result.ok and task.job_id is not None and not isinstance(result.error, LostLeaseError):
+            self._cancel_checked.pop(task.job_id or -1, None)
+        stopped = isinstance(result.error, (LostLeaseError, TaskCancelledError))
+        if not result.ok and task.job_id is not None and not stopped:
             reason = failure_reason(result.error) if result.error is not None else "unknown error"
             with session_scope(self.factory) as session:
                 job = jobs.fail(session, task.job_id, reason, result.retryable, worker_id=self.worker_id)
@@ -297,6 +354,7 @@ class Worker:
             on_progress=self._progress,
             config=self.config,
             stop=stop,
+            cancelled=self._task_cancelled,
         )
 
 

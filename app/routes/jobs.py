@@ -1,15 +1,17 @@
-"""GET /jobs/{id}: an ingestion job's state, progress and error."""
+"""Jobs: list them, read one (state, progress, error), cancel a queued or running one, retry a stopped one."""
 
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, status
+from fastapi import APIRouter, HTTPException, Path, Query, status
 
 from app import library
-from app.deps import SessionDep
-from app.schemas import JobPublic, Problem
+from app.deps import SessionDep, WriteAccess
+from app.job_control import cancel_job, retry_job
+from app.schemas import JobPublic, JobsPublic, JobState, Problem
+from indexer.jobs import JobStateError
 
 logger = logging.getLogger(__name__)
 
@@ -19,9 +21,67 @@ MAX_ID = 2**63 - 1
 IdParam = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 
-@router.get("/jobs/{job_id}", response_model=JobPublic, responses={404: {"model": Problem}})
+def _problem(code: int, description: str) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": Problem, "description": description}}
+
+
+@router.get("/jobs", response_model=JobsPublic, summary="Jobs, newest first, optionally in one state")
+def list_jobs(
+    session: SessionDep,
+    state: JobState | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 24,
+    cursor: Annotated[
+        int | None, Query(ge=1, le=MAX_ID, description="`next_cursor` of the last page")
+    ] = None,
+) -> JobsPublic:
+    return library.list_jobs(session, state=state, limit=limit, cursor=cursor)
+
+
+@router.get("/jobs/{job_id}", response_model=JobPublic, responses=_problem(404, "no such job"))
 def get_job(job_id: IdParam, session: SessionDep) -> JobPublic:
     job = library.get_job(session, job_id=job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
+    return job
+
+
+@router.post(
+    "/jobs/{job_id}/retry",
+    response_model=JobPublic,
+    dependencies=[WriteAccess],
+    summary="Queue a failed or cancelled job again, with a fresh set of attempts",
+    responses={
+        **_problem(401, "API key missing or wrong"),
+        **_problem(404, "no such job"),
+        **_problem(409, "the job is not failed or cancelled, or its video was deleted"),
+    },
+)
+def retry(job_id: IdParam, session: SessionDep) -> JobPublic:
+    try:
+        job = retry_job(session, job_id=job_id)
+    except JobStateError as e:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from e
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
+    return job
+
+
+@router.delete(
+    "/jobs/{job_id}",
+    response_model=JobPublic,
+    dependencies=[WriteAccess],
+    summary="Cancel a queued or running job; its worker stops between stages and nothing of it is searchable",
+    responses={
+        **_problem(401, "API key missing or wrong"),
+        **_problem(404, "no such job"),
+        **_problem(409, "the job has already finished (ready, failed or cancelled)"),
+    },
+)
+def cancel(job_id: IdParam, session: SessionDep) -> JobPublic:
+    try:
+        job = cancel_job(session, job_id=job_id)
+    except JobStateError as e:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from e
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
     return job

@@ -15,14 +15,15 @@ from app.deps import DataDep, FetcherDep, IngestorDep, MetricsDep, SessionDep, S
 from app.ingestion import (
     BadSourceError,
     PathRefusedError,
+    QueuedDownload,
     SourceNotFoundError,
     UnsupportedBodyError,
     ingest_request,
 )
 from app.schemas import IngestResponse, IngestSourceIn, Problem, VideoDetail, VideosPublic
 from app.uploads import BadUploadError, UploadTooLargeError
-from app.url_fetch import UrlFetchError, UrlRefusedError
 from indexer.ingest import IngestError
+from indexer.url_fetch import UrlFetchError, UrlRefusedError
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,11 @@ def _problem(code: int, description: str) -> dict[int | str, dict[str, Any]]:
     dependencies=[WriteAccess],
     openapi_extra=_INGEST_BODY,
     summary="Add a video: multipart upload, or JSON {path} (under an allowed root) or {url}",
+    description=(
+        "202 with the job that indexes the video. A `url` is checked at once (scheme, public address) and "
+        "downloaded by the job: `video_id` is null until the download is done; follow the `Location` "
+        "header (`/jobs/{id}`) for its bytes, stages and any failure."
+    ),
     responses={
         200: {"model": IngestResponse, "description": "an identical file is already in the library"},
         **_problem(401, "an API key is configured and was not presented"),
@@ -89,7 +95,7 @@ def _problem(code: int, description: str) -> dict[int | str, dict[str, Any]]:
         **_problem(413, "larger than TVS_MAX_UPLOAD_BYTES"),
         **_problem(415, "neither multipart/form-data nor JSON"),
         422: {"description": "an invalid body: a list of validation errors, or a message in `detail`"},
-        **_problem(502, "the URL could not be fetched"),
+        **_problem(502, "the URL's host cannot be resolved"),
     },
 )
 async def add_video(
@@ -110,7 +116,13 @@ async def add_video(
         code = next(code for exc, code in _INGEST_ERRORS if isinstance(e, exc))
         metrics.uploads.labels(source=kind, outcome=str(code)).inc()
         raise HTTPException(code, str(e)) from e
+    if isinstance(result, QueuedDownload):
+        metrics.uploads.labels(source=kind, outcome="accepted").inc()
+        response.headers["Location"] = f"/jobs/{result.job_id}"
+        return IngestResponse(video_id=None, job_id=result.job_id, status="queued", duplicate_of=None)
     metrics.uploads.labels(source=kind, outcome="duplicate" if result.duplicate_of else "accepted").inc()
+    if result.job_id is not None:
+        response.headers["Location"] = f"/jobs/{result.job_id}"
     if result.duplicate_of is not None:
         response.status_code = status.HTTP_200_OK
     return IngestResponse(

@@ -315,6 +315,7 @@ function upload(file, title) {
     let body = {};
     try { body = JSON.parse(xhr.responseText); } catch (_) { /* not JSON */ }
     $("upload-button").disabled = false;
+    if (xhr.status === 200 || xhr.status === 202) clearUploadForm();
     if (xhr.status === 200 && body.duplicate_of != null) {
       setUploadState(`Already in your library (video ${body.duplicate_of}, ${body.status}).`, 1, "ok");
       refreshLibrary();
@@ -334,8 +335,51 @@ function upload(file, title) {
   xhr.send(form);
 }
 
+// Once the server has taken a video, the form is ready for the next one.
+function clearUploadForm() {
+  $("upload-file").value = "";
+  $("upload-url").value = "";
+  $("upload-title").value = "";
+  $("drop-text").textContent = "Choose a video or drop it here";
+}
+
+function addUrl(url, title) {
+  const key = $("upload-key").value.trim();
+  if (key) sessionStorage.setItem(KEY_STORAGE, key);
+  $("upload-button").disabled = true;
+  setUploadState("Sending the URL…", 0);
+  fetch("/videos", {
+    method: "POST",
+    headers: { "Content-Type": "application/json", ...apiKeyHeaders() },
+    body: JSON.stringify(title ? { url, title } : { url }),
+  }).then(async (response) => {
+    $("upload-button").disabled = false;
+    if (response.status !== 202) { setUploadState(`URL refused: ${await errorText(response)}`, 0, "error"); return; }
+    const body = await response.json();
+    clearUploadForm();
+    setUploadState("Queued for download…", 0);
+    refreshLibrary();
+    await followJob(body.job_id);
+  }).catch(() => {
+    $("upload-button").disabled = false;
+    setUploadState("The server could not be reached.", 0, "error");
+  });
+}
+
+const OPEN_STATES = ["queued", "downloading", "decoding", "encoding"];
+const STAGE_LABELS = { queued: "Queued", downloading: "Downloading", decoding: "Decoding frames", encoding: "Encoding" };
+
+// One line for a job that is not finished: its stage and how far it is.
+function jobProgress(job) {
+  if (job.state === "downloading" && job.bytes_done != null) {
+    return `Downloading ${fmtBytes(job.bytes_done)}${job.bytes_total ? ` of ${fmtBytes(job.bytes_total)}` : ""}`;
+  }
+  const pct = job.state === "queued" ? "" : ` ${Math.round(100 * job.progress)}%`;
+  const retry = job.attempts > 1 ? ` (attempt ${job.attempts} of ${job.max_attempts})` : "";
+  return `${STAGE_LABELS[job.state] || job.state}${pct}${retry}`;
+}
+
 async function followJob(jobId) {
-  const labels = { queued: "Queued", decoding: "Decoding frames", encoding: "Encoding", ready: "Ready", failed: "Failed" };
   for (;;) {
     let job;
     try {
@@ -352,46 +396,111 @@ async function followJob(jobId) {
       refreshHealth();
       return;
     }
-    if (job.state === "failed") {
-      setUploadState(`Indexing failed: ${job.error || "unknown reason"}`, 1, "error");
+    if (job.state === "failed" || job.state === "cancelled") {
+      setUploadState(`Indexing ${job.state}: ${job.error || "unknown reason"}`, 1, "error");
       refreshLibrary();
       return;
     }
-    const retry = job.attempts > 1 ? ` (attempt ${job.attempts} of ${job.max_attempts})` : "";
-    setUploadState(`${labels[job.state] || job.state}${retry}…`, 0.5 + 0.5 * job.progress);
+    setUploadState(`${jobProgress(job)}…`, job.state === "downloading" ? 0.5 * job.progress : 0.5 + 0.5 * job.progress);
     await new Promise((r) => setTimeout(r, 400));
   }
 }
 
 // ---- library ------------------------------------------------------------------------------------
+let libraryTimer = null;
+
+async function act(method, url) {
+  const response = await fetch(url, { method, headers: apiKeyHeaders() });
+  if (!response.ok) setUploadState(await errorText(response), 0, "error");
+  refreshLibrary();
+}
+
+function actionButton(label, method, url) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "ghost small";
+  button.textContent = label;
+  button.addEventListener("click", () => act(method, url));
+  return button;
+}
+
+// A row: thumbnail, title, a detail line (size, progress or the failure's reason), a state badge, actions.
+function libraryRow({ thumb, title, detail, error, badge, actions }) {
+  const li = document.createElement("li");
+  const img = document.createElement("img");
+  img.alt = "";
+  if (thumb) img.src = thumb; else img.classList.add("missing");
+  const text = document.createElement("div");
+  text.className = "library-text";
+  const name = document.createElement("span");
+  name.className = "library-title";
+  name.textContent = title;
+  const info = document.createElement("span");
+  info.className = error ? "library-error small" : "muted small";
+  info.textContent = detail;
+  if (error) info.title = detail;
+  text.append(name, info);
+  const state = document.createElement("span");
+  state.className = `badge ${badge}`;
+  state.textContent = badge;
+  const buttons = document.createElement("div");
+  buttons.className = "library-actions";
+  buttons.append(...actions);
+  li.append(img, text, state, buttons);
+  return li;
+}
+
+function jobActions(job) {
+  if (OPEN_STATES.includes(job.state)) return [actionButton("Cancel", "DELETE", `/jobs/${job.id}`)];
+  if (job.state === "failed" || job.state === "cancelled") return [actionButton("Retry", "POST", `/jobs/${job.id}/retry`)];
+  return [];
+}
+
 async function refreshLibrary() {
+  clearTimeout(libraryTimer);
   try {
-    const response = await fetch("/videos?limit=50");
-    if (!response.ok) return;
-    const page = await response.json();
+    const [videosResponse, jobsResponse] = await Promise.all([fetch("/videos?limit=50"), fetch("/jobs?limit=100")]);
+    if (!videosResponse.ok) return;
+    const page = await videosResponse.json();
+    const jobs = jobsResponse.ok ? (await jobsResponse.json()).data : [];
+    const latest = new Map();  // video id -> its newest job
+    for (const job of jobs) if (job.video_id != null && !latest.has(job.video_id)) latest.set(job.video_id, job);
+    // URLs whose job has not made a video yet (downloading, or failed before it had one).
+    const downloads = jobs.filter((job) => job.video_id == null && job.url && job.state !== "ready");
     const list = $("library");
     list.replaceChildren();
-    $("library-empty").hidden = page.count > 0;
+    $("library-empty").hidden = page.count + downloads.length > 0;
+    let busy = false;
+    for (const job of downloads) {
+      const open = OPEN_STATES.includes(job.state);
+      busy = busy || open;
+      list.appendChild(libraryRow({
+        thumb: null,
+        title: job.title || job.url,
+        detail: open ? jobProgress(job) : job.error || job.state,
+        error: !open,
+        badge: open ? (job.state === "queued" ? "queued" : "running") : "failed",
+        actions: jobActions(job),
+      }));
+    }
     for (const v of page.data) {
-      const li = document.createElement("li");
-      const img = document.createElement("img");
-      img.alt = "";
-      if (v.thumbnail_url) img.src = v.thumbnail_url; else img.classList.add("missing");
-      const text = document.createElement("div");
-      text.className = "library-text";
-      const name = document.createElement("span");
-      name.className = "library-title";
-      name.textContent = v.title || v.filename || `Video ${v.id}`;
-      const meta = document.createElement("span");
-      meta.className = `badge ${v.status}`;
-      meta.textContent = v.status;
-      if (v.error) meta.title = v.error;
-      const info = document.createElement("span");
-      info.className = "muted small";
-      info.textContent = [v.duration != null ? fmtTime(v.duration) : "", fmtBytes(v.size_bytes)].filter(Boolean).join(" · ");
-      text.append(name, info);
-      li.append(img, text, meta);
-      list.appendChild(li);
+      const job = latest.get(v.id);
+      const open = job != null && OPEN_STATES.includes(job.state);
+      busy = busy || open;
+      const size = [v.duration != null ? fmtTime(v.duration) : "", fmtBytes(v.size_bytes)].filter(Boolean).join(" · ");
+      let badge = v.status === "ready" ? "indexed" : v.status;
+      if (open) badge = job.state === "queued" ? "queued" : "running";
+      const failed = !open && v.status === "failed";
+      const actions = job != null && v.status !== "ready" ? jobActions(job) : [];
+      actions.push(actionButton("Delete", "DELETE", `/videos/${v.id}`));
+      list.appendChild(libraryRow({
+        thumb: v.thumbnail_url,
+        title: v.title || v.filename || `Video ${v.id}`,
+        detail: open ? jobProgress(job) : failed ? v.error || "failed" : size,
+        error: failed,
+        badge,
+        actions,
+      }));
     }
     if (page.count > page.data.length) {
       const more = document.createElement("li");
@@ -399,6 +508,7 @@ async function refreshLibrary() {
       more.textContent = `and ${page.count - page.data.length} more`;
       list.appendChild(more);
     }
+    if (busy) libraryTimer = setTimeout(refreshLibrary, 1500);  // follow progress while jobs run
   } catch (_) { /* the status chip already says the server is unreachable */ }
 }
 
@@ -444,8 +554,10 @@ function init() {
   $("upload-form").addEventListener("submit", (e) => {
     e.preventDefault();
     const file = $("upload-file").files[0];
-    if (!file) { setUploadState("Choose a video file first.", 0, "error"); return; }
-    upload(file, $("upload-title").value.trim());
+    const url = $("upload-url").value.trim();
+    if (file) upload(file, $("upload-title").value.trim());
+    else if (url) addUrl(url, $("upload-title").value.trim());
+    else setUploadState("Choose a video file, or give its URL, first.", 0, "error");
   });
   const drop = $("drop");
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });

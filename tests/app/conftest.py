@@ -201,10 +201,27 @@ class Api:
         job: dict[str, Any] = {}
         while time.monotonic() < deadline:
             job = client.get(f"/jobs/{job_id}").json()
-            if job["state"] in ("ready", "failed"):
+            if job["state"] in ("ready", "failed", "cancelled"):
                 return job
             time.sleep(0.05)
         raise AssertionError(f"job {job_id} did not finish within {timeout} s: {job}")
+
+    @staticmethod
+    def wait_job_until(
+        client: TestClient,
+        job_id: int,
+        done: Callable[[dict[str, Any]], bool],
+        timeout: float = JOB_TIMEOUT_S,
+    ) -> dict[str, Any]:
+        """Poll GET /jobs/{id} until done(job) holds."""
+        deadline = time.monotonic() + timeout
+        job: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            job = client.get(f"/jobs/{job_id}").json()
+            if done(job):
+                return job
+            time.sleep(0.02)
+        raise AssertionError(f"job {job_id} never reached the expected state within {timeout} s: {job}")
 
     @staticmethod
     def search(client: TestClient, query: str = "anything", **body: Any) -> Any:

@@ -1,10 +1,15 @@
-"""The demo page in headless Chromium: upload a clip, search its caption, play it; the URL, paging, no match."""
+"""The demo page in headless Chromium: upload a generated clip, wait for it, search its caption, play it; the
+search in the URL, paging, no good match; add a URL that is no video, see it failed with the reason, retry
+it; delete a video from the library."""
 
 from __future__ import annotations
 
+import http.server
 import os
 import re
 import shutil
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlparse
 
@@ -32,7 +37,28 @@ def _chromium() -> str:
     return path
 
 
-def test_upload_search_and_play_in_a_browser(serve, new_database, clips, tmp_path, api):
+class _NotAVideo(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        body = b"these are notes, not a video\n" * 20
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def notes_server() -> Iterator[str]:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotAVideo)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_upload_search_and_play_in_a_browser(serve, new_database, clips, tmp_path, api, notes_server):
     chromium = _chromium()
     sync_api = pytest.importorskip("playwright.sync_api")
     trained = (REPO / DEMO_MODEL_DIR).is_dir()
@@ -43,7 +69,7 @@ def test_upload_search_and_play_in_a_browser(serve, new_database, clips, tmp_pat
     model = str(REPO / DEMO_MODEL_DIR) if trained else "tiny"
     artifacts = Path(os.environ.get("TVS_TEST_ARTIFACTS", tmp_path))
     artifacts.mkdir(parents=True, exist_ok=True)
-    with serve(tmp_path / "data", new_database("sqlite"), model=model) as base:
+    with serve(tmp_path / "data", new_database("sqlite"), model=model, allow_private_urls=True) as base:
         if trained:
             # With a trained model the clip must beat its look-alike siblings; a random one cannot.
             for other in (c for c in family if c is not target):
@@ -123,8 +149,50 @@ def test_upload_search_and_play_in_a_browser(serve, new_database, clips, tmp_pat
             sync_api.expect(page.locator("#results .card.guess")).to_have_count(len(family) if trained else 1)
             sync_api.expect(cards.first.locator(".card-title")).to_have_text(target["caption"])
             sync_api.expect(page.locator("#more")).to_be_hidden()
+            # The library: the indexed clip says so; a URL that is no video fails with the reason, and retries.
+            mine = page.locator("#library li", has_text=target["caption"])
+            sync_api.expect(mine.locator(".badge")).to_have_text("indexed")
+            page.fill("#upload-url", f"{notes_server}/notes.mp4")
+            page.fill("#upload-title", "my notes")
+            page.click("#upload-button")
+            sync_api.expect(page.locator("#upload-state")).to_contain_text("not a video", timeout=60_000)
+            notes = page.locator("#library li", has_text="my notes")
+            sync_api.expect(notes.locator(".badge")).to_have_text("failed", timeout=10_000)
+            sync_api.expect(notes.locator(".library-error")).to_contain_text("not a video")
+            job = httpx.get(f"{base}/jobs", params={"state": "failed"}).json()["data"][0]
+            with page.expect_response(lambda r: r.url.endswith(f"/jobs/{job['id']}/retry")) as retried:
+                notes.get_by_role("button", name="Retry").click()
+            assert retried.value.status == 200
+            api_job = api.wait_job_until(
+                _Client(base),
+                job["id"],
+                lambda j: j["state"] == "failed" and j["finished_at"] != job["finished_at"],
+            )
+            assert "not a video" in api_job["error"] and api_job["attempts"] == 1  # tried again, from 0
+            sync_api.expect(notes.locator(".badge")).to_have_text("failed", timeout=10_000)
+
+            # Delete from the library: the row goes, and the video is gone from the API.
+            before = page.locator("#library li").count()
+            mine.get_by_role("button", name="Delete").click()
+            sync_api.expect(page.locator("#library li")).to_have_count(before - 1, timeout=10_000)
+            assert httpx.get(f"{base}/videos/{_video_id(base, target['caption'])}").status_code == 404
             browser.close()
     assert shot.stat().st_size > 10_000
     assert not problems, problems
     if os.environ.get("TVS_UPDATE_SCREENSHOT"):
         shutil.copyfile(shot, REPO / "docs" / "screenshot.png")
+
+
+class _Client:
+    """The one call Api.wait_job_until makes, over real HTTP to the served app."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(f"{self.base}{path}")
+
+
+def _video_id(base: str, title: str) -> int:
+    jobs = httpx.get(f"{base}/jobs", params={"state": "ready"}).json()["data"]
+    return next(j["video_id"] for j in jobs if j["title"] == title)

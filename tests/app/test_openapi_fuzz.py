@@ -22,7 +22,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from app.deps import get_fetcher
-from app.url_fetch import UrlFetcher
+from indexer.url_fetch import UrlFetcher
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 

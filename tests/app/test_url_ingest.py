@@ -1,4 +1,5 @@
-"""POST /videos {"url"}: fetched from a local server (private addresses allowed) or refused, with limits."""
+"""POST /videos {"url"}: 202 with a job at once; the job downloads from a local server (private addresses
+allowed) with its bytes on the job, or fails with the reason; refused addresses are a 403 at once."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app.deps import get_fetcher
-from app.url_fetch import UrlFetcher
+from indexer.url_fetch import UrlFetcher, UrlRefusedError
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     clip: bytes = b""
+    other: bytes = b""  # another clip, so that its download is no duplicate of the first
 
     def log_message(self, *args: object) -> None:  # keep test output clean
         pass
@@ -39,6 +40,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif self.path == "/slow.mp4":
             time.sleep(3)
             self._send(200, self.clip, {})
+        elif self.path == "/notes.mp4":
+            self._send(200, b"shopping list: eggs, milk, bread\n" * 40, {"Content-Type": "video/mp4"})
+        elif self.path == "/trickle.mp4":
+            # Slow enough to be cancelled mid-download: the clip in 20 pieces, 0.25 s apart.
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(self.other)))
+            self.end_headers()
+            step = len(self.other) // 20 + 1
+            for start in range(0, len(self.other), step):
+                self.wfile.write(self.other[start : start + step])
+                self.wfile.flush()
+                time.sleep(0.25)
         elif self.path == "/big.mp4":
             # No Content-Length: the cap has to bite while streaming.
             self.send_response(200)
@@ -59,7 +72,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server(clips) -> Iterator[str]:
-    handler = type("Handler", (_Handler,), {"clip": clips[0]["path"].read_bytes()})
+    files = {"clip": clips[0]["path"].read_bytes(), "other": clips[1]["path"].read_bytes()}
+    handler = type("Handler", (_Handler,), files)
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -91,15 +105,26 @@ def _incoming(data: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
 
 
-def test_url_from_an_allowed_private_server(fetching, server, api):
-    client, _ = fetching
+def test_url_answers_202_at_once_and_the_job_downloads_it(fetching, server, clips, api):
+    client, data = fetching
+    size = clips[0]["path"].stat().st_size
     r = client.post("/videos", json={"url": f"{server}/clip.mp4", "meta": {"from": "test"}})
     assert r.status_code == 202, r.text
-    assert api.wait_job(client, r.json()["job_id"])["state"] == "ready"
-    video = client.get(f"/videos/{r.json()['video_id']}").json()
-    assert video["title"] == "clip" and video["meta"] == {"from": "test"}
+    body = r.json()
+    assert body["video_id"] is None and body["status"] == "queued"
+    assert r.headers["location"] == f"/jobs/{body['job_id']}"
+    job = api.wait_job(client, body["job_id"])
+    assert job["state"] == "ready", job
+    assert job["url"] == f"{server}/clip.mp4" and job["bytes_done"] == job["bytes_total"] == size
+    video = client.get(f"/videos/{job['video_id']}").json()
+    assert video["title"] == "clip" and video["meta"] == {"from": "test"} and video["status"] == "ready"
+    assert _incoming(data) == []
+    # The same bytes again (through a redirect): a job of its own, done as the video already there.
     again = client.post("/videos", json={"url": f"{server}/redirect", "title": "via redirect"})
-    assert again.status_code == 200 and again.json()["duplicate_of"] == r.json()["video_id"]
+    assert again.status_code == 202, again.text
+    dup = api.wait_job(client, again.json()["job_id"])
+    assert dup["state"] == "ready" and dup["video_id"] == job["video_id"]
+    assert client.get("/videos").json()["count"] == 1
 
 
 @pytest.mark.parametrize(
@@ -123,26 +148,60 @@ def test_private_addresses_are_refused_by_default(refusing, server, url):
 
 
 @pytest.mark.parametrize(
-    ("path", "status", "needle"),
+    ("path", "needle", "retried"),
     [
-        ("/missing.mp4", 502, "404"),
-        ("/loop", 502, "redirects"),
-        ("/slow.mp4", 502, "did not answer"),
-        ("/big.mp4", 413, "TVS_MAX_UPLOAD_BYTES"),
+        ("/missing.mp4", "HTTP 404", False),
+        ("/loop", "redirects", False),
+        ("/slow.mp4", "did not answer", True),
+        ("/big.mp4", "TVS_MAX_UPLOAD_BYTES", False),
+        ("/notes.mp4", "not a video", False),
     ],
 )
-def test_url_failures(fetching, server, path, status, needle):
+def test_download_failures_end_the_job_with_the_reason(fetching, server, api, path, needle, retried):
     client, data = fetching
     before = client.get("/videos").json()["count"]
     r = client.post("/videos", json={"url": f"{server}{path}"})
-    assert r.status_code == status, r.text
-    assert needle in r.json()["detail"]
+    assert r.status_code == 202, r.text
+    # A timeout is worth another try (back in the queue with the reason); the others fail at once.
+    job = api.wait_job_until(
+        client, r.json()["job_id"], lambda j: j["state"] in ("failed", "queued") and j["error"]
+    )
+    assert needle in job["error"], job
+    assert job["state"] == ("queued" if retried else "failed") and job["attempts"] == 1
+    assert job["video_id"] is None
     assert _incoming(data) == []
     assert client.get("/videos").json()["count"] == before
+    if retried:
+        assert client.delete(f"/jobs/{job['id']}").json()["state"] == "cancelled"  # no more tries
 
 
-def test_each_redirect_hop_is_checked_and_connections_are_pinned(refusing):
-    """A public host redirecting to a private one is refused at the second hop."""
+def test_a_download_can_be_cancelled_and_retried(fetching, server, api):
+    client, data = fetching
+    job_id = client.post("/videos", json={"url": f"{server}/trickle.mp4", "title": "trickled"}).json()[
+        "job_id"
+    ]
+    running = api.wait_job_until(client, job_id, lambda j: j["state"] == "downloading" and j["bytes_done"])
+    assert 0 < running["bytes_done"] < running["bytes_total"] and 0 < running["progress"] < 1
+    cancelled = client.delete(f"/jobs/{job_id}")
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["state"] == "cancelled" and "cancelled" in cancelled.json()["error"]
+    assert client.delete(f"/jobs/{job_id}").status_code == 409  # already finished
+    # The worker notices within a chunk or two and drops the partial file; the job stays cancelled.
+    deadline = time.monotonic() + 10
+    while _incoming(data) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _incoming(data) == []
+    assert client.get(f"/jobs/{job_id}").json()["state"] == "cancelled"
+    retried = client.post(f"/jobs/{job_id}/retry")
+    assert retried.status_code == 200 and retried.json()["state"] == "queued", retried.text
+    done = api.wait_job(client, job_id)
+    assert done["state"] == "ready" and done["title"] == "trickled", done
+    assert client.get(f"/videos/{done['video_id']}").json()["status"] == "ready"
+    assert client.post(f"/jobs/{job_id}/retry").status_code == 409  # a ready job is not retried
+
+
+def test_each_redirect_hop_is_checked_and_connections_are_pinned(tmp_path):
+    """A public host redirecting to a private one is refused at the second hop, inside the download."""
     seen: list[httpx.Request] = []
     public = "93.184.216.34"
 
@@ -154,11 +213,8 @@ def test_each_redirect_hop_is_checked_and_connections_are_pinned(refusing):
         return httpx.Response(302, headers={"Location": "http://internal.example/admin"})
 
     fetcher = UrlFetcher(resolver=resolver, transport=httpx.MockTransport(answer))
-    refusing.app.dependency_overrides[get_fetcher] = lambda: fetcher
-    try:
-        r = refusing.post("/videos", json={"url": "http://videos.example/clip.mp4"})
-    finally:
-        refusing.app.dependency_overrides.clear()
-    assert r.status_code == 403 and "internal.example" in r.json()["detail"]
+    with pytest.raises(UrlRefusedError, match="internal.example"):
+        fetcher.download("http://videos.example/clip.mp4", tmp_path, 1_000_000)
     assert len(seen) == 1  # the private hop was never contacted
     assert seen[0].url.host == public and seen[0].headers["host"] == "videos.example"
+    assert list(tmp_path.iterdir()) == []

@@ -21,6 +21,7 @@ COMMANDS = [
     "migrate",
     "add",
     "worker",
+    "watch",
     "reindex",
     "rebuild-index",
     "verify",

@@ -37,10 +37,12 @@ def test_claim_takes_oldest_first_and_complete_finishes(session_factory: session
         assert job.finished_at is not None
         assert jobs.counts_by_state(session) == {
             "queued": 0,
+            "downloading": 0,
             "decoding": 1,
             "encoding": 0,
             "ready": 1,
             "failed": 0,
+            "cancelled": 0,
         }
 
 
@@ -142,3 +144,34 @@ def test_racing_workers_never_share_a_job(session_factory: sessionmaker[Session]
     assert errors == []
     everything = [job_id for ids in claimed.values() for job_id in ids]
     assert sorted(everything) == job_ids  # each job exactly once
+
+
+def test_a_url_job_is_claimed_downloading_and_a_stopping_worker_gives_it_back(
+    session_factory: sessionmaker[Session],
+) -> None:
+    with session_scope(session_factory) as session:
+        job_id = jobs.enqueue(session, "ingest", None, MODEL, url="https://example.com/a.mp4", title="a").id
+    assert claim(session_factory, "w1") == (job_id, "downloading", 1, "w1")
+    with session_scope(session_factory) as session:
+        assert jobs.set_download(session, job_id, 50, 200, worker_id="w1").progress == 0.25
+        assert jobs.release(session, job_id, worker_id="w2") is None  # not its job
+        job = jobs.release(session, job_id, worker_id="w1")
+        assert (job.state, job.attempts, job.lease_owner, job.bytes_done) == ("queued", 0, None, None)
+    assert claim(session_factory, "w2") == (job_id, "downloading", 1, "w2")
+
+
+def test_cancel_and_retry_follow_the_state(session_factory: sessionmaker[Session]) -> None:
+    (job_id,) = enqueue_n(session_factory, 1)
+    with session_scope(session_factory) as session:
+        with pytest.raises(jobs.JobStateError, match="queued"):
+            jobs.retry(session, job_id)
+    claim(session_factory, "w1")
+    with session_scope(session_factory) as session:
+        assert jobs.cancel(session, job_id).state == "cancelled"
+        # The worker that held it can no longer record anything on it, nor complete it.
+        assert jobs.set_state(session, job_id, "encoding", 0.5, worker_id="w1") is None
+        assert jobs.complete(session, job_id, worker_id="w1") is None
+        with pytest.raises(jobs.JobStateError, match="cancelled"):
+            jobs.cancel(session, job_id)
+        assert jobs.retry(session, job_id).state == "queued"
+        assert jobs.cancel(session, 10**9) is None and jobs.retry(session, 10**9) is None

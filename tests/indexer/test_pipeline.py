@@ -20,6 +20,7 @@ from indexer.pipeline import (
     EncodedSegment,
     Encoder,
     PipelineConfig,
+    TaskCancelledError,
     TaskResult,
     VideoTask,
     Writer,
@@ -216,3 +217,33 @@ def test_stop_ends_an_endless_task_source(env, model: TokenBinder, tmp_path: Pat
         stop=stop,
     )
     assert results and all(r.ok for r in results)
+
+
+def test_a_cancelled_task_stops_between_stages_and_commits_nothing(
+    env, model: TokenBinder, tmp_path: Path
+) -> None:
+    """Cancelled after its first segment: dropped at the next boundary, no segment rows, no tokens kept."""
+    data, factory, store = env
+    long = write_pattern_video(tmp_path / "long.mp4", 5.0, 64, 48, 8, gop=8)
+    short = write_pattern_video(tmp_path / "short.mp4", 1.0, 64, 48, 8, gop=8)
+    doomed, kept = _video(factory, data, long, model.model_id), _video(factory, data, short, model.model_id)
+    progressed: set[VideoTask] = set()
+    results: list[TaskResult] = []
+    config = PipelineConfig(max_segment_s=2.0, window_s=1.0, batch_size=1)
+    run_pipeline(
+        [doomed, kept],
+        num_frames=T,
+        size=32,
+        encoder=Encoder(model),
+        writer=Writer(factory, data, model.model_id, store),
+        on_result=results.append,
+        on_progress=lambda task, state, fraction: progressed.add(task),
+        config=config,
+        cancelled=lambda task: task is doomed and doomed in progressed,
+    )
+    by_task = {r.task: r for r in results}
+    assert isinstance(by_task[doomed].error, TaskCancelledError) and not by_task[doomed].retryable
+    assert by_task[kept].ok and by_task[kept].segment_ids
+    with session_scope(factory) as session:
+        assert session.scalars(select(Segment.id).where(Segment.video_id == doomed.video_id)).all() == []
+    assert data.pending(model.model_id).get(doomed.video_id) is None

@@ -1,4 +1,7 @@
-"""Fetching a video by URL: http(s) only, public addresses only, redirects re-checked, streamed under a cap."""
+"""Fetching a video by URL: http(s) only, public addresses only, redirects re-checked, streamed under a cap.
+
+The service checks a URL when it is posted (`check`); the worker downloads it inside its job (`download`).
+"""
 
 from __future__ import annotations
 
@@ -6,19 +9,20 @@ import asyncio
 import ipaddress
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urljoin
 
 import anyio
 import httpx
 
-from app.uploads import ReceivedFile, UploadTooLargeError, receive_stream
+from indexer.receive import FileSink, ReceivedFile, UploadTooLargeError, display_name, incoming_path
 
 logger = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
+BytesHook = Callable[[int, int | None], None]  # (bytes so far, total when the server said it)
 
 
 class UrlRefusedError(Exception):
@@ -27,6 +31,14 @@ class UrlRefusedError(Exception):
 
 class UrlFetchError(Exception):
     """The download failed: unreachable, timed out, an HTTP error status, or too many redirects."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable  # a timeout or a 5xx may pass; a 404 or a redirect loop will not
+
+
+class DownloadCancelledError(Exception):
+    """The job was cancelled while its file was downloading."""
 
 
 async def resolve_host(host: str, port: int) -> list[IPAddress]:
@@ -90,10 +102,46 @@ class UrlFetcher:
         extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
         return target, headers, extensions
 
-    async def fetch(self, url: str, incoming: Path, limit: int) -> ReceivedFile:
+    async def check(self, url: str) -> None:
+        """Refuse at once a URL whose first hop is not allowed (each hop is checked again on download)."""
+        await self._pin(httpx.URL(url))
+
+    def download(
+        self,
+        url: str,
+        incoming: Path,
+        limit: int,
+        *,
+        on_bytes: BytesHook | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> ReceivedFile:
+        """Blocking: download into `incoming` (a worker thread's own event loop); see fetch()."""
+        return anyio.run(self._fetch_hooked, url, incoming, limit, on_bytes, cancelled)
+
+    async def _fetch_hooked(
+        self,
+        url: str,
+        incoming: Path,
+        limit: int,
+        on_bytes: BytesHook | None,
+        cancelled: Callable[[], bool] | None,
+    ) -> ReceivedFile:
+        return await self.fetch(url, incoming, limit, on_bytes=on_bytes, cancelled=cancelled)
+
+    async def fetch(
+        self,
+        url: str,
+        incoming: Path,
+        limit: int,
+        *,
+        on_bytes: BytesHook | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> ReceivedFile:
+        """Stream `url` into a new file under `incoming`; `on_bytes` sees the progress after each chunk and
+        `cancelled()` is asked then too (True aborts with DownloadCancelledError, the partial file removed)."""
         try:
             with anyio.fail_after(self.max_duration_s):
-                return await self._fetch(url, incoming, limit)
+                return await self._fetch(url, incoming, limit, on_bytes, cancelled)
         except TimeoutError as e:
             raise UrlFetchError(f"the download did not finish within {self.max_duration_s:.0f} s") from e
         except httpx.TimeoutException as e:
@@ -101,7 +149,14 @@ class UrlFetcher:
         except httpx.HTTPError as e:
             raise UrlFetchError(f"the download failed: {e}") from e
 
-    async def _fetch(self, url: str, incoming: Path, limit: int) -> ReceivedFile:
+    async def _fetch(
+        self,
+        url: str,
+        incoming: Path,
+        limit: int,
+        on_bytes: BytesHook | None,
+        cancelled: Callable[[], bool] | None,
+    ) -> ReceivedFile:
         # trust_env=False: a proxy from the environment would connect on our behalf, unchecked.
         timeout = httpx.Timeout(self.timeout_s)
         async with httpx.AsyncClient(
@@ -120,12 +175,48 @@ class UrlFetcher:
                         current = httpx.URL(urljoin(str(current), location))
                         continue
                     if response.status_code != 200:
-                        raise UrlFetchError(f"{current} answered HTTP {response.status_code}, not 200")
+                        raise UrlFetchError(
+                            f"{current} answered HTTP {response.status_code}, not 200",
+                            retryable=response.status_code >= 500 or response.status_code == 429,
+                        )
                     declared = response.headers.get("content-length", "")
-                    if declared.isdigit() and int(declared) > limit:
+                    total = int(declared) if declared.isdigit() else None
+                    if total is not None and total > limit:
                         raise UploadTooLargeError(limit)
                     name = unquote(PurePosixPath(current.path).name) or None
-                    return await receive_stream(response.aiter_bytes(), incoming, limit, name)
+                    return await _receive(
+                        response.aiter_bytes(), incoming, limit, name, total, on_bytes, cancelled
+                    )
                 finally:
                     await response.aclose()
-            raise UrlFetchError(f"more than {self.max_redirects} redirects; giving up at {current}")
+            raise UrlFetchError(
+                f"more than {self.max_redirects} redirects; giving up at {current}", retryable=False
+            )
+
+
+async def _receive(
+    chunks: AsyncIterator[bytes],
+    incoming: Path,
+    limit: int,
+    filename: str | None,
+    total: int | None,
+    on_bytes: BytesHook | None,
+    cancelled: Callable[[], bool] | None,
+) -> ReceivedFile:
+    """Write the body to disk while hashing; the partial file is removed on any failure."""
+    sink = FileSink(incoming_path(incoming, filename), limit)
+    try:
+        async for chunk in chunks:
+            if chunk:
+                sink.write(chunk)
+                if on_bytes is not None:
+                    on_bytes(sink.size, total)
+                if cancelled is not None and cancelled():
+                    raise DownloadCancelledError("the job was cancelled during the download")
+        if sink.size == 0:
+            raise UrlFetchError("the download is empty", retryable=False)
+        digest = sink.finish()
+    except BaseException:
+        sink.abort()
+        raise
+    return ReceivedFile(sink.path, digest, sink.size, display_name(filename))
