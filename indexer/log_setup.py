@@ -21,6 +21,7 @@ _UVICORN_LOGGERS = ("uvicorn", "uvicorn.error")
 _UVICORN_ACCESS = "uvicorn.access"
 # What every LogRecord has; anything else on a record came from `extra=` and goes into the JSON line.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "request_id"}
+_STANDARD.add("color_message")  # uvicorn's copy of the message with terminal colours
 
 
 class RequestIdFilter(logging.Filter):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, status
+from fastapi import APIRouter, Path
 
 from app import library
 from app.deps import SessionDep
+from app.errors import ApiError
 from app.schemas import JobPublic, Problem
 
 logger = logging.getLogger(__name__)
@@ -23,5 +24,5 @@ IdParam = Annotated[int, Path(ge=1, le=MAX_ID)]
 def get_job(job_id: IdParam, session: SessionDep) -> JobPublic:
     job = library.get_job(session, job_id=job_id)
     if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
+        raise ApiError("job_not_found", f"no job {job_id}")
     return job
