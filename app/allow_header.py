@@ -10,9 +10,10 @@ from __future__ import annotations
 import re
 
 from fastapi import FastAPI, Request
-from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import http_error
 
 _HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 
@@ -45,4 +46,4 @@ async def method_not_allowed(request: Request, exc: Exception) -> Response:
     if methods:
         headers = {**(exc.headers or {}), "Allow": ", ".join(methods)}
         exc = StarletteHTTPException(exc.status_code, exc.detail, headers=headers)
-    return await http_exception_handler(request, exc)
+    return await http_error(request, exc)

@@ -245,11 +245,13 @@ def _interrupt(_sig: int, _frame: Any) -> None:
 
 
 def resolve_model(spec: str) -> str:
-    if Path(spec) == DEMO_MODEL_DIR and not DEMO_MODEL_DIR.is_dir():
+    """The spec, or DemoError when it names a checkpoint directory that is not there."""
+    path = Path(spec)
+    if (path.is_absolute() or "/" in spec) and not path.is_dir():
+        what = "the demo model is missing" if path == DEMO_MODEL_DIR else "the model directory is missing"
         raise DemoError(
-            f"the demo model is missing: no {DEMO_MODEL_DIR}/ in {Path.cwd()} (it is committed with the "
-            "repository; `git status` / `git lfs pull`?). Point TVS_MODEL at another checkpoint directory "
-            "or preset to use that instead."
+            f"{what}: no {path}/ (the demo model is committed with the repository; `git status` / "
+            "`git lfs pull`?). Point TVS_MODEL at another checkpoint directory or preset to use that instead."
         )
     return spec
 
@@ -257,7 +259,7 @@ def resolve_model(spec: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app.demo", description=__doc__)
     parser.add_argument("--data-dir", default=os.environ.get("TVS_DATA_DIR", str(DEFAULT_DATA_DIR)))
-    parser.add_argument("--model", default=os.environ.get("TVS_MODEL", str(DEMO_MODEL_DIR)))
+    parser.add_argument("--model", default=os.environ.get("TVS_MODEL") or str(DEMO_MODEL_DIR))
     parser.add_argument("--host", default=os.environ.get("TVS_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("TVS_PORT", "8000")))
     parser.add_argument("--families", type=int, default=DEMO_FAMILIES, help="families of 6 clips each")
@@ -291,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.prepare_only:
         return 0
     settings = Settings(data_dir=report.data_dir, model=model)
+    if "log_level" not in settings.model_fields_set:
+        settings = settings.model_copy(
+            update={"log_level": "WARNING"}
+        )  # the console shows the demo's own lines
     serve(settings, args.host, args.port, report.examples)
     return 0
 

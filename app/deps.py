@@ -6,9 +6,10 @@ import logging
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from app.errors import ApiError
 from app.ingestion import Ingestor
 from app.metrics import Metrics
 from app.searcher import Searcher
@@ -32,7 +33,7 @@ def get_metrics(request: Request) -> Metrics:
 def get_services(request: Request) -> Services:
     services: Services | None = getattr(request.app.state, "services", None)
     if services is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the service is starting; try again shortly")
+        raise ApiError("service_starting", "the service is starting; try again shortly")
     return services
 
 

@@ -17,17 +17,22 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import exc as sa_exc
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.allow_header import method_not_allowed
+from app.errors import error_body, http_error
 from app.metrics import Metrics, RequestMetricsMiddleware
+from app.request_log import RequestLogMiddleware
 from app.routes import demo, jobs, search, system, videos
 from app.security import API_KEY_HEADER, BodyLimitMiddleware, SecurityHeadersMiddleware
 from app.services import open_services
 from app.settings import Settings
 from app.version import package_version
+from indexer.log_setup import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +84,11 @@ def _json_safe(value: Any) -> Any:
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    """FastAPI's 422 shape (`detail` list) plus `message`: the same errors in one sentence for people."""
+    """FastAPI's 422 shape (`detail` list) plus `message`, the same errors in one sentence, and `code`."""
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     message = _json_safe("; ".join(_readable(e) for e in errors))
-    body = {"detail": _json_safe(jsonable_encoder(_json_safe(errors))), "message": message}
+    body = error_body("validation_error", _json_safe(jsonable_encoder(_json_safe(errors))), message=message)
     return JSONResponse(body, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
@@ -98,26 +103,39 @@ async def _database_unavailable(request: Request, exc: Exception) -> JSONRespons
         cause[0] if cause else "",
     )
     return JSONResponse(
-        {"detail": "the catalog database is unreachable right now; try again in a few seconds"},
+        error_body(
+            "database_unavailable",
+            "the catalog database is unreachable right now; try again in a few seconds",
+        ),
         status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
         headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
     )
 
 
+def operation_id(route: APIRoute) -> str:
+    """OpenAPI operation ids are the route functions' names (`search`, `list_videos`, `get_job`)."""
+    return route.name
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; cheap: nothing heavy happens until the lifespan starts."""
     settings = settings or Settings()
+    # uvicorn has set up its own loggers before it imports the app: this routes them and ours through one
+    # handler, so that even its "Started server process" line has the configured format.
+    configure_logging(settings.log_level, settings.log_format)
     app = FastAPI(
         title="TokenBinder video search",
         version=VERSION,
         summary="Type a sentence, get the matching moments of your videos",
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.services = None
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(status.HTTP_405_METHOD_NOT_ALLOWED, method_not_allowed)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     for error in DATABASE_UNAVAILABLE:
         app.add_exception_handler(error, _database_unavailable)
     for module in (search, videos, jobs, system, demo):
@@ -133,6 +151,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestMetricsMiddleware, metrics=lambda: app.state.metrics)
+    app.add_middleware(RequestLogMiddleware)  # outermost: its request id covers every other layer's lines
     return app
 
 

@@ -372,4 +372,7 @@ class HealthResponse(BaseModel):
 
 
 class Problem(BaseModel):
+    """Every error body: a message for people and a stable code for programs (docs/errors.md)."""
+
     detail: str
+    code: str = Field(description="machine-readable error code, stable across releases (docs/errors.md)")

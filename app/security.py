@@ -5,9 +5,11 @@ from __future__ import annotations
 import hmac
 import logging
 
-from fastapi import HTTPException, Request, status
+from fastapi import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import ApiError, error_body
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +54,13 @@ def check_api_key(expected: str | None, presented: str | None) -> None:
     if expected is None:
         return
     if presented is None:
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
+        raise ApiError(
+            "api_key_missing",
             f"this endpoint needs the API key: send it in the {API_KEY_HEADER} header",
             headers={"WWW-Authenticate": "Bearer"},
         )
     if not hmac.compare_digest(presented.encode(), expected.encode()):
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED, "the API key is not valid", headers={"WWW-Authenticate": "Bearer"}
-        )
+        raise ApiError("api_key_invalid", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
 
 
 class SecurityHeadersMiddleware:
@@ -149,4 +149,4 @@ class BodyLimitMiddleware:
             f"the request body is larger than {self.max_bytes} bytes; send a short JSON body, "
             "or upload video files as multipart/form-data"
         )
-        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+        await JSONResponse(error_body("body_too_large", detail), status_code=413)(scope, receive, send)

@@ -1,4 +1,4 @@
-"""Service settings: one pydantic-settings class read from `TVS_*` environment variables."""
+"""Service settings: the shared `TVS_*` settings (indexer.settings) plus the service's own."""
 
 from __future__ import annotations
 
@@ -8,17 +8,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode
+
+from indexer.settings import DEMO_MODEL_DIR, SharedSettings, default_model
 
 logger = logging.getLogger(__name__)
 
-DEMO_MODEL_DIR = Path("assets/demo-model")
+__all__ = ["DEMO_MODEL_DIR", "Settings", "default_model"]
+
 MIN_PRODUCTION_KEY_LENGTH = 16
-
-
-def default_model() -> str:
-    """The trained demo checkpoint when it is present, else the small random-weight preset."""
-    return str(DEMO_MODEL_DIR) if DEMO_MODEL_DIR.is_dir() else "small"
 
 
 def _split_list(value: Any) -> Any:
@@ -33,20 +31,10 @@ def _split_list(value: Any) -> Any:
     return value
 
 
-class Settings(BaseSettings):
-    """Everything the API process reads from its environment (prefix `TVS_`)."""
-
-    model_config = SettingsConfigDict(env_prefix="TVS_", extra="ignore", protected_namespaces=())
+class Settings(SharedSettings):
+    """Everything the API process reads (prefix `TVS_`, then `.env`): the shared settings and these."""
 
     env: Literal["development", "production"] = "development"
-    data_dir: Path = Path("./data")
-    database_url: str | None = None  # default: sqlite:///<data_dir>/catalog.db
-    # An older PostgreSQL schema is upgraded at start-up only when this is true (SQLite always is, after
-    # a backup copy); otherwise `indexer migrate` does it, once, as a release step.
-    auto_migrate: bool = False
-    model: str = Field(default_factory=default_model)
-    device: str | None = None  # None: CUDA when present, else CPU
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     api_key: SecretStr | None = None
     max_upload_bytes: int = Field(default=2 * 1024**3, gt=0)
     allowed_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
@@ -77,7 +65,6 @@ class Settings(BaseSettings):
     feed_catch_up_s: float = Field(default=30.0, ge=0)
     # Changes younger than this are kept when a snapshot prunes the feed (indexer.feed_compaction).
     feed_retention_s: float = Field(default=600.0, ge=0)
-    torch_threads: int | None = Field(default=None, ge=1)  # None: torch's default (all cores)
 
     @field_validator("allowed_roots", "cors_origins", mode="before")
     @classmethod

@@ -15,62 +15,61 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from indexer import catalog
 from indexer.db import DatabaseNotMigratedError, make_engine, make_session_factory, session_scope
 from indexer.feed_compaction import DEFAULT_RETENTION_S, RETENTION_ENV, retention_from_env
+from indexer.log_setup import configure_logging
 from indexer.paths import DataDir
-from indexer.schema import AUTO_MIGRATE_ENV, auto_migrate_from_env, ensure_schema
+from indexer.schema import AUTO_MIGRATE_ENV, ensure_schema
+from indexer.settings import SharedSettings
 
 if TYPE_CHECKING:  # the pipeline pulls in torch and the decoders: loaded only by commands that index
     from indexer.pipeline import PipelineConfig, TaskResult
 
 logger = logging.getLogger(__name__)
 
-DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
+# Commands that run as a service log at TVS_LOG_LEVEL; the others print their result and log only warnings,
+# unless TVS_LOG_LEVEL is set or -v is given.
+_SERVICE_COMMANDS = {"worker"}
 
 
 class UsageError(Exception):
     """A problem with the command's input or setup; printed without a traceback (exit 2)."""
 
 
-def default_model_spec() -> str:
-    """TVS_MODEL, else the bundled demo checkpoint when present, else the `small` preset."""
-    if os.environ.get("TVS_MODEL"):
-        return os.environ["TVS_MODEL"]
-    for candidate in (Path("assets/demo-model"), DEMO_MODEL):
-        if (candidate / "config.json").is_file():
-            return str(candidate)
-    return "small"
-
-
 @dataclass
 class Env:
     args: argparse.Namespace
+    settings: SharedSettings
     data: DataDir
     url: str
 
     def sessions(self) -> sessionmaker[Session]:
         """Sessions on the catalog, whose schema is created (empty database) or upgraded first where allowed."""
-        try:
-            auto_migrate = auto_migrate_from_env()
-        except ValueError as e:
-            raise UsageError(str(e)) from e
         engine = make_engine(self.url)
-        ensure_schema(engine, auto_migrate=auto_migrate)
+        ensure_schema(engine, auto_migrate=self.settings.auto_migrate)
         return make_session_factory(engine)
 
     def model(self, spec: str | None = None) -> Any:
+        import torch
+
         from model.checkpoint import load_model
         from model.inference import prepare_for_inference
 
-        return prepare_for_inference(load_model(spec or self.args.model or default_model_spec()))
+        s = self.settings
+        if s.device and s.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError(f"TVS_DEVICE={s.device} but torch sees no CUDA device here; use cpu or unset it")
+        if s.torch_threads:
+            torch.set_num_threads(s.torch_threads)
+        return prepare_for_inference(load_model(spec or s.model), s.device, s.precision)
 
     def model_id(self, factory: sessionmaker[Session]) -> str:
         """The model named by --model / TVS_MODEL, else the catalog's active one (no weights loaded)."""
-        if self.args.model or os.environ.get("TVS_MODEL"):
+        if "model" in self.settings.model_fields_set:
             return str(self.model().model_id)
         with session_scope(factory) as session:
             active = catalog.get_active_model(session)
@@ -401,23 +400,22 @@ def cmd_rm(env: Env) -> int:
 # --- parser -----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--data-dir",
-        default=os.environ.get("TVS_DATA_DIR", "./data"),
-        help="data directory (env TVS_DATA_DIR; default ./data)",
-    )
+    common.add_argument("--data-dir", default=None, help="data directory (env TVS_DATA_DIR; default ./data)")
     common.add_argument(
         "--database-url",
-        default=os.environ.get("TVS_DATABASE_URL"),
+        default=None,
         help="catalog URL (env TVS_DATABASE_URL; default sqlite:///<data-dir>/catalog.db)",
     )
     common.add_argument(
         "--model",
         default=None,
-        help="preset, PRESET:PRETRAINED or checkpoint dir (env TVS_MODEL; default assets/demo-model, else small)",
+        help="preset, PRESET:PRETRAINED or checkpoint dir (env TVS_MODEL; default the demo model installed "
+        "beside the code, assets/demo-model, else small)",
     )
     common.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
-    common.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    common.add_argument(
+        "-v", "--verbose", action="store_true", help="log progress details (level INFO unless TVS_LOG_LEVEL)"
+    )
     pipe = argparse.ArgumentParser(add_help=False)
     pipe.add_argument("--batch-size", type=int, default=8, help="segments per encoder forward")
     pipe.add_argument("--decode-threads", type=int, default=1)
@@ -427,7 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--window-s", type=float, default=15.0, help="window length for longer videos")
 
     parser = argparse.ArgumentParser(
-        prog="indexer", description="Build and maintain the text-to-video index."
+        prog="indexer",
+        description="Build and maintain the text-to-video index.",
+        epilog="Settings shared with the service come from TVS_* variables and .env (TVS_ENV_FILE names "
+        "another file): TVS_DATA_DIR, TVS_DATABASE_URL, TVS_MODEL, TVS_AUTO_MIGRATE, TVS_DEVICE, "
+        "TVS_PRECISION, TVS_TORCH_THREADS, TVS_LOG_LEVEL, TVS_LOG_FORMAT (text|json). Flags win over them.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -600,14 +602,37 @@ def _env_int(name: str) -> int | None:
         raise SystemExit(f"indexer: {name}={value!r} is not an integer") from None
 
 
+def load_settings(args: argparse.Namespace) -> SharedSettings:
+    """TVS_* and .env, with the command's flags on top; UsageError naming each bad value."""
+    flags = {"data_dir": args.data_dir, "database_url": args.database_url, "model": args.model}
+    try:
+        return SharedSettings(**{name: value for name, value in flags.items() if value is not None})
+    except ValidationError as e:
+        problems = "; ".join(_readable(err) for err in e.errors())
+        raise UsageError(f"invalid settings: {problems}") from e
+
+
+def _readable(error: Any) -> str:
+    name = f"TVS_{'_'.join(map(str, error['loc'])).upper()}"
+    return f"{name}={error.get('input')!r}: {str(error['msg']).removeprefix('Value error, ')}"
+
+
+def _log_level(args: argparse.Namespace, settings: SharedSettings) -> str:
+    if "log_level" in settings.model_fields_set or args.command in _SERVICE_COMMANDS:
+        return settings.log_level
+    return "INFO" if args.verbose else "WARNING"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    data = DataDir(args.data_dir)
-    env = Env(args, data, args.database_url or data.database_url)
+    try:
+        settings = load_settings(args)
+    except UsageError as e:
+        print(f"indexer {args.command}: {e}", file=sys.stderr)
+        return 2
+    configure_logging(_log_level(args, settings), settings.log_format)
+    data = DataDir(settings.data_dir)
+    env = Env(args, settings, data, settings.database_url or data.database_url)
     try:
         data.ensure()
         return int(args.fn(env))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,8 +20,6 @@ logger = logging.getLogger(__name__)
 AUTO_MIGRATE_ENV = "TVS_AUTO_MIGRATE"
 # Any constant works as long as every process uses the same one: "tvs_migr" in ASCII.
 PG_MIGRATION_LOCK_KEY = 0x7476_735F_6D69_6772
-_TRUE = {"1", "true", "yes", "on", "t", "y"}
-_FALSE = {"0", "false", "no", "off", "f", "n", ""}
 
 
 @dataclass(frozen=True)
@@ -35,16 +32,6 @@ class SchemaState:
     @property
     def is_current(self) -> bool:
         return self.current == self.expected
-
-
-def auto_migrate_from_env() -> bool:
-    """TVS_AUTO_MIGRATE read the way the service's settings read it (true/false, 1/0, yes/no, on/off)."""
-    value = os.environ.get(AUTO_MIGRATE_ENV, "").strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(f"{AUTO_MIGRATE_ENV}={value!r}: expected true or false")
 
 
 def schema_state(engine: Engine) -> SchemaState:

@@ -83,6 +83,7 @@ class Worker:
         )
         self._observer = on_result
         self._inflight: dict[int, tuple[str, float]] = {}  # job id -> (state, monotonic time) last written
+        self._claimed_at: dict[int, float] = {}  # job id -> monotonic time it was claimed (the outcome line)
         self._lock = threading.Lock()
         self._registered = False
         self._require_active = require_active
@@ -195,15 +196,18 @@ class Worker:
             if download is not None:
                 with self._lock:
                     self._inflight[download.job_id] = ("downloading", time.monotonic())
+                    self._claimed_at[download.job_id] = time.monotonic()
                 task = download_job(self, download)
                 if task is None:
                     with self._lock:
                         self._inflight.pop(download.job_id, None)
                         self._cancel_checked.pop(download.job_id, None)
+                        self._claimed_at.pop(download.job_id, None)
                     continue
             if task is not None:
                 with self._lock:
                     self._inflight[task.job_id or -1] = ("decoding", time.monotonic())
+                    self._claimed_at.setdefault(task.job_id or -1, time.monotonic())
                 return task
 
     def _task_for(self, session: Session, job: Job, *, mine_active: bool) -> VideoTask | None:
@@ -330,8 +334,13 @@ class Worker:
         with self._lock:
             self._inflight.pop(task.job_id or -1, None)
             self._cancel_checked.pop(task.job_id or -1, None)
-        stopped = isinstance(result.error, (LostLeaseError, TaskCancelledError))
-        if not result.ok and task.job_id is not None and not stopped:
+            claimed = self._claimed_at.pop(task.job_id or -1, None)
+        state, reason = "ready", None
+        if isinstance(result.error, LostLeaseError):
+            state, reason = "lost", str(result.error)
+        elif isinstance(result.error, TaskCancelledError):
+            state, reason = "cancelled", str(result.error)
+        elif not result.ok and task.job_id is not None:
             reason = failure_reason(result.error) if result.error is not None else "unknown error"
             with session_scope(self.factory) as session:
                 job = jobs.fail(session, task.job_id, reason, result.retryable, worker_id=self.worker_id)
@@ -339,6 +348,9 @@ class Worker:
                 if job is not None and job.state == "failed" and task.set_ready and video is not None:
                     if video.status != "deleted":
                         catalog.set_video_status(session, task.video_id, "failed", error=reason)
+            state = job.state if job is not None else "failed"
+        if task.job_id is not None:
+            _log_outcome(task, state, time.monotonic() - claimed if claimed else None, reason)
         if self._observer is not None:
             self._observer(result)
 
@@ -356,6 +368,30 @@ class Worker:
             stop=stop,
             cancelled=self._task_cancelled,
         )
+
+
+def _log_outcome(task: VideoTask, state: str, seconds: float | None, error: str | None) -> None:
+    """One line a job: id, video, how it ended (ready, failed, queued again for a retry, lost), time, error."""
+    took = f" in {seconds:.1f} s" if seconds is not None else ""
+    level = logging.INFO if state == "ready" else logging.WARNING
+    logger.log(
+        level,
+        "job %s video %s (%s): %s%s%s",
+        task.job_id,
+        task.video_id,
+        task.path.name,
+        state,
+        took,
+        f": {error}" if error else "",
+        extra={
+            "job_id": task.job_id,
+            "video_id": task.video_id,
+            "video": str(task.path),
+            "state": state,
+            "seconds": round(seconds, 3) if seconds is not None else None,
+            "error": error,
+        },
+    )
 
 
 def _alive(owner: str | None) -> bool:

@@ -5,7 +5,7 @@
 #
 # Environment (defaults in brackets):
 #   TVS_DATA_DIR   where the library, catalog, tokens and index go [data/demo]
-#   TVS_MODEL      checkpoint directory or preset [assets/demo-model]
+#   TVS_MODEL      checkpoint directory or preset [the demo model, assets/demo-model: app/demo.py decides]
 #   TVS_HOST       address to listen on [127.0.0.1]
 #   TVS_PORT       port [8000]
 #   VENV           the virtual environment [.venv]
@@ -19,8 +19,7 @@ if [ ! -x "$py" ]; then
     exit 2
 fi
 export TVS_DATA_DIR="${TVS_DATA_DIR:-data/demo}"
-export TVS_MODEL="${TVS_MODEL:-assets/demo-model}"
 export TVS_HOST="${TVS_HOST:-127.0.0.1}"
 export TVS_PORT="${TVS_PORT:-8000}"
 # Extra arguments go to app/demo.py (e.g. --families 2 --prepare-only; --help lists them).
-exec "$py" -m app.demo --data-dir "$TVS_DATA_DIR" --model "$TVS_MODEL" --host "$TVS_HOST" --port "$TVS_PORT" "$@"
+exec "$py" -m app.demo --data-dir "$TVS_DATA_DIR" --host "$TVS_HOST" --port "$TVS_PORT" "$@"

@@ -3,6 +3,7 @@ tests skip, saying why, where faiss or torch cannot use a CUDA device."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,12 @@ import pytest
 from helpers.postgres import admin_engine, postgres_admin_url
 
 from indexer.db import upgrade_database
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A developer's .env (made for compose) must not reach the tests' settings; tests that read a dotenv file
+    # name it with TVS_ENV_FILE themselves.
+    os.environ["TVS_ENV_FILE"] = ""
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -75,6 +75,13 @@ def test_every_tvs_name_in_env_example_is_used_by_compose_or_documented() -> Non
             )
 
 
+def test_every_variable_compose_interpolates_is_in_env_example() -> None:
+    used = set(re.findall(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)", COMPOSE.read_text()))
+    missing = sorted(used - set(env_example_names()))
+    assert not missing, f"docker-compose.yml uses {missing}: document each in .env.example"
+    assert {"LIBRARY_DIR", "TVS_LOG_LEVEL", "TVS_LOG_FORMAT"} <= used
+
+
 def test_env_example_is_commented_line_by_line() -> None:
     lines = ENV_EXAMPLE.read_text().splitlines()
     for i, line in enumerate(lines):
@@ -98,6 +105,18 @@ def test_compose_has_the_services_and_the_gpu_profile(compose: dict[str, Any]) -
         assert environment(gpu)["TVS_DEVICE"] == "cuda"
     for name in ("api", "worker", "migrate"):
         assert services[name]["build"]["dockerfile"] == "docker/Dockerfile"
+
+
+def test_the_library_is_indexed_in_place_and_weights_are_cached_once(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name in ("api", "worker", "api-gpu", "worker-gpu"):
+        volumes, env = services[name]["volumes"], environment(services[name])
+        # The same read-only path everywhere: `indexer add /library` records /library/... for every container.
+        assert "${LIBRARY_DIR:-./library}:/library:ro" in volumes
+        assert "/library" in env["TVS_ALLOWED_ROOTS"]
+        assert "models:/opt/models" in volumes and env["HF_HOME"].startswith("/opt/models/")
+        assert {"TVS_LOG_LEVEL", "TVS_LOG_FORMAT"} <= set(env)
+    assert "models" in compose["volumes"]
 
 
 def test_postgres_is_healthchecked_and_persistent(compose: dict[str, Any]) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Query, status
+from fastapi import APIRouter, Path, Query
 
 from app import library
 from app.deps import SessionDep, WriteAccess
+from app.errors import ApiError
 from app.job_control import cancel_job, retry_job
 from app.schemas import JobPublic, JobsPublic, JobState, Problem
 from indexer.jobs import JobStateError
@@ -41,7 +42,7 @@ def list_jobs(
 def get_job(job_id: IdParam, session: SessionDep) -> JobPublic:
     job = library.get_job(session, job_id=job_id)
     if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
+        raise ApiError("job_not_found", f"no job {job_id}")
     return job
 
 
@@ -60,9 +61,9 @@ def retry(job_id: IdParam, session: SessionDep) -> JobPublic:
     try:
         job = retry_job(session, job_id=job_id)
     except JobStateError as e:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from e
+        raise ApiError("job_state_conflict", str(e)) from e
     if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
+        raise ApiError("job_not_found", f"no job {job_id}")
     return job
 
 
@@ -81,7 +82,7 @@ def cancel(job_id: IdParam, session: SessionDep) -> JobPublic:
     try:
         job = cancel_job(session, job_id=job_id)
     except JobStateError as e:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from e
+        raise ApiError("job_state_conflict", str(e)) from e
     if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
+        raise ApiError("job_not_found", f"no job {job_id}")
     return job

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter
 
 from app.batching import BatcherClosedError
 from app.deps import MetricsDep, SearcherDep
+from app.errors import ApiError
 from app.page_tokens import PageTokenError
 from app.schemas import Problem, SearchRequest, SearchResponse
 from app.search_service import run_search
@@ -33,6 +34,6 @@ async def search(body: SearchRequest, searcher: SearcherDep, metrics: MetricsDep
     try:
         return await run_search(searcher, body, metrics)
     except PageTokenError as e:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(e)) from e
+        raise ApiError("bad_page_token", str(e)) from e
     except BatcherClosedError as e:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(e)) from e
+        raise ApiError("service_stopping", str(e)) from e

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request, Response, status
+from fastapi import APIRouter, Path, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ValidationError
 
 from app import library
 from app.deps import DataDep, FetcherDep, IngestorDep, MetricsDep, SessionDep, SettingsDep, WriteAccess
+from app.errors import ApiError
 from app.ingestion import (
     BadSourceError,
     PathRefusedError,
@@ -32,17 +33,17 @@ router = APIRouter(tags=["library"])
 MAX_ID = 2**63 - 1
 IdParam = Annotated[int, Path(ge=1, le=MAX_ID)]
 
-# Domain errors of ingestion -> HTTP status; the message is the exception's own, written for people.
-_INGEST_ERRORS: list[tuple[type[Exception], int]] = [
-    (UploadTooLargeError, status.HTTP_413_CONTENT_TOO_LARGE),
-    (UnsupportedBodyError, status.HTTP_415_UNSUPPORTED_MEDIA_TYPE),
-    (PathRefusedError, status.HTTP_403_FORBIDDEN),
-    (UrlRefusedError, status.HTTP_403_FORBIDDEN),
-    (SourceNotFoundError, status.HTTP_404_NOT_FOUND),
-    (UrlFetchError, status.HTTP_502_BAD_GATEWAY),
-    (BadUploadError, status.HTTP_422_UNPROCESSABLE_CONTENT),
-    (BadSourceError, status.HTTP_422_UNPROCESSABLE_CONTENT),
-    (IngestError, status.HTTP_422_UNPROCESSABLE_CONTENT),
+# Domain errors of ingestion -> error code (app.errors, which gives the status); the message is the exception's own.
+_INGEST_ERRORS: list[tuple[type[Exception], str]] = [
+    (UploadTooLargeError, "upload_too_large"),
+    (UnsupportedBodyError, "unsupported_media_type"),
+    (PathRefusedError, "path_refused"),
+    (UrlRefusedError, "url_refused"),
+    (SourceNotFoundError, "source_not_found"),
+    (UrlFetchError, "url_fetch_failed"),
+    (BadUploadError, "bad_upload"),
+    (BadSourceError, "bad_source"),
+    (IngestError, "not_a_video"),
 ]
 
 _MULTIPART_SCHEMA = {
@@ -94,7 +95,9 @@ def _problem(code: int, description: str) -> dict[int | str, dict[str, Any]]:
         **_problem(404, "the path does not exist"),
         **_problem(413, "larger than TVS_MAX_UPLOAD_BYTES"),
         **_problem(415, "neither multipart/form-data nor JSON"),
-        422: {"description": "an invalid body: a list of validation errors, or a message in `detail`"},
+        422: {
+            "description": "an invalid body: a list of validation errors, or a message in `detail`; `code` says which"
+        },
         **_problem(502, "the URL's host cannot be resolved"),
     },
 )
@@ -113,14 +116,25 @@ async def add_video(
         metrics.uploads.labels(source=kind, outcome="invalid").inc()
         raise RequestValidationError(e.errors(include_url=False), body=None) from e
     except tuple(exc for exc, _ in _INGEST_ERRORS) as e:
-        code = next(code for exc, code in _INGEST_ERRORS if isinstance(e, exc))
-        metrics.uploads.labels(source=kind, outcome=str(code)).inc()
-        raise HTTPException(code, str(e)) from e
+        error = ApiError(next(code for exc, code in _INGEST_ERRORS if isinstance(e, exc)), str(e))
+        metrics.uploads.labels(source=kind, outcome=str(error.status_code)).inc()
+        raise error from e
     if isinstance(result, QueuedDownload):
         metrics.uploads.labels(source=kind, outcome="accepted").inc()
+        logger.info(
+            "url download queued (job %s)", result.job_id, extra={"job_id": result.job_id, "source": kind}
+        )
         response.headers["Location"] = f"/jobs/{result.job_id}"
         return IngestResponse(video_id=None, job_id=result.job_id, status="queued", duplicate_of=None)
     metrics.uploads.labels(source=kind, outcome="duplicate" if result.duplicate_of else "accepted").inc()
+    logger.info(
+        "video %s %s (job %s, %s)",
+        result.video_id,
+        f"is a duplicate of {result.duplicate_of}" if result.duplicate_of is not None else "accepted",
+        result.job_id,
+        kind,
+        extra={"video_id": result.video_id, "job_id": result.job_id, "source": kind},
+    )
     if result.job_id is not None:
         response.headers["Location"] = f"/jobs/{result.job_id}"
     if result.duplicate_of is not None:
@@ -144,7 +158,7 @@ def list_videos(
 def get_video(video_id: IdParam, session: SessionDep) -> VideoDetail:
     video = library.get_video_detail(session, video_id=video_id)
     if video is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no video {video_id}")
+        raise ApiError("video_not_found", f"no video {video_id}")
     return video
 
 
@@ -157,7 +171,7 @@ def get_video(video_id: IdParam, session: SessionDep) -> VideoDetail:
 def delete_video(video_id: IdParam, ingestor: IngestorDep) -> DeleteResponse:
     freed = ingestor.delete(video_id)
     if freed is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no video {video_id}")
+        raise ApiError("video_not_found", f"no video {video_id}")
     return DeleteResponse(video_id=video_id, segments_removed=len(freed))
 
 
@@ -178,7 +192,7 @@ def delete_video(video_id: IdParam, ingestor: IngestorDep) -> DeleteResponse:
 def video_media(video_id: IdParam, session: SessionDep, data: DataDep) -> FileResponse:
     found = library.media_file(session, data, video_id=video_id)
     if found is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no media for video {video_id}")
+        raise ApiError("media_not_found", f"no media for video {video_id}")
     path, media_type = found
     # Starlette's FileResponse answers Range requests (206) itself, so a <video> element can seek.
     return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
@@ -192,6 +206,6 @@ def video_media(video_id: IdParam, session: SessionDep, data: DataDep) -> FileRe
 def segment_thumbnail(segment_id: IdParam, session: SessionDep, data: DataDep) -> FileResponse:
     path = library.thumbnail_file(session, data, segment_id=segment_id)
     if path is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no thumbnail for segment {segment_id}")
+        raise ApiError("thumbnail_not_found", f"no thumbnail for segment {segment_id}")
     # A segment id is never reused, so its thumbnail never changes.
     return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})

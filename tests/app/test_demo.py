@@ -78,10 +78,9 @@ def test_examples_route_is_empty_without_a_demo_library(tmp_path, launch, new_da
         assert 'id="examples"' in page
 
 
-def test_a_missing_demo_model_is_reported_with_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_a_missing_model_directory_is_reported_with_what_to_do(tmp_path):
     with pytest.raises(DemoError, match="TVS_MODEL"):
-        resolve_model(str(DEMO_MODEL_DIR))
+        resolve_model(str(tmp_path / "assets" / "demo-model"))
     assert resolve_model("tiny") == "tiny"
 
 

@@ -17,6 +17,13 @@ from model.checkpoint import load_model, save_checkpoint
 from synth.generator import write_pattern_video
 from synth.media import write_format_samples, write_tone
 
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 COMMANDS = [
     "migrate",
     "add",
@@ -280,3 +287,68 @@ def test_a_gpu_index_device_without_faiss_gpu_support_exits_2(
     monkeypatch.setenv("TVS_INDEX_DEVICE", "auto")
     code, out, _ = cli("rebuild-index", "--json")
     assert code == 0 and json.loads(out)["count"] == 5000  # auto: on the CPU here
+
+
+# --- settings shared with the service (indexer.settings) and logging (indexer.log_setup) ------------------------
+def test_the_cli_refuses_a_bad_device_or_precision_before_any_work(
+    cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TVS_DEVICE", "gpu")
+    code, out, err = cli("stats")
+    assert (code, out) == (2, "") and "TVS_DEVICE='gpu': 'gpu' is not one of cpu, cuda, cuda:N" in err, err
+    monkeypatch.setenv("TVS_DEVICE", "cpu")
+    monkeypatch.setenv("TVS_PRECISION", "fp8")
+    code, _, err = cli("stats")
+    assert code == 2 and "TVS_PRECISION='fp8'" in err and "'bf16'" in err, err
+
+
+@pytest.mark.skipif(torch_cuda_available(), reason="this machine has a CUDA device")
+def test_a_cuda_device_on_a_machine_without_one_is_a_clear_error(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TVS_DEVICE", "cuda")
+    code, out, err = cli("add", str(_library(tmp_path / "lib", 1)))
+    assert (code, out) == (2, "") and "TVS_DEVICE=cuda but torch sees no CUDA device" in err, err
+
+
+def test_the_cli_applies_precision_and_threads_and_logs_json(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    lib = _library(tmp_path / "lib", 1)
+    for name, value in [
+        ("TVS_PRECISION", "bf16"),
+        ("TVS_TORCH_THREADS", "1"),
+        ("TVS_LOG_FORMAT", "json"),
+        ("TVS_LOG_LEVEL", "info"),
+    ]:
+        monkeypatch.setenv(name, value)
+    threads = torch.get_num_threads()
+    try:
+        code, _, err = cli("add", str(lib))
+        applied = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0 and applied == 1
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert lines and len(lines) == len([line for line in err.splitlines() if line.strip()]), err
+    assert any(line["logger"] == "model.inference" and "bfloat16" in line["message"] for line in lines), err
+    outcome = [line for line in lines if line["logger"] == "indexer.worker" and "job_id" in line]
+    assert (
+        len(outcome) == 1 and outcome[0]["state"] == "ready" and outcome[0]["video"] == str(lib / "clip0.mp4")
+    )
+    assert outcome[0]["seconds"] > 0 and outcome[0]["error"] is None and outcome[0]["request_id"] == "-"
+
+
+def test_the_cli_reads_a_dotenv_file_and_flags_win_over_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env_file = tmp_path / "tvs.env"
+    env_file.write_text(f"POSTGRES_PASSWORD=ignored\nTVS_DATA_DIR={tmp_path / 'from-env-file'}\n")
+    monkeypatch.setenv("TVS_ENV_FILE", str(env_file))
+    monkeypatch.delenv("TVS_DATA_DIR", raising=False)
+    assert main(["stats", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["data_dir"] == str(tmp_path / "from-env-file")
+    assert main(["stats", "--json", "--data-dir", str(tmp_path / "flag")]) == 0
+    assert json.loads(capsys.readouterr().out)["data_dir"] == str(tmp_path / "flag")
