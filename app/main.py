@@ -17,11 +17,14 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import exc as sa_exc
 from starlette.concurrency import run_in_threadpool
 
+from app.access import API_KEY_HEADER
 from app.metrics import Metrics, RequestMetricsMiddleware
-from app.routes import demo, jobs, search, system, videos
-from app.security import API_KEY_HEADER, BodyLimitMiddleware, SecurityHeadersMiddleware
+from app.metrics_server import MetricsServer
+from app.routes import demo, docs, jobs, search, session, system, videos
+from app.security import BodyLimitMiddleware, SecurityHeadersMiddleware
 from app.services import open_services
 from app.settings import Settings
+from app.system_status import render_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +42,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     services = await run_in_threadpool(open_services, settings, app.state.metrics)
     await services.searcher.start()
     app.state.services = services
+    metrics_server = None
     try:
+        if settings.metrics_port is not None:
+            metrics_server = MetricsServer(
+                lambda: render_metrics(app.state.services, app.state.metrics),
+                settings.metrics_host,
+                settings.metrics_port,
+            )
+            await run_in_threadpool(metrics_server.start)
         yield
     finally:
+        if metrics_server is not None:
+            await run_in_threadpool(metrics_server.stop)
         app.state.services = None
         await services.searcher.stop()
         await run_in_threadpool(services.close)
@@ -106,6 +119,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=VERSION,
         summary="Type a sentence, get the matching moments of your videos",
         lifespan=lifespan,
+        # Served by app/routes/docs.py instead, behind the same access as the library's reads.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
@@ -113,8 +130,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     for error in DATABASE_UNAVAILABLE:
         app.add_exception_handler(error, _database_unavailable)
-    for module in (search, videos, jobs, system, demo):
+    for module in (search, videos, jobs, system, session, docs, demo):
         app.include_router(module.router)
+    if settings.metrics_port is None:
+        app.include_router(system.metrics_router)
     app.mount("/static", StaticFiles(directory=demo.STATIC_DIR), name="static")
     if settings.cors_origins:
         app.add_middleware(

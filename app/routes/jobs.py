@@ -8,12 +8,13 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, status
 
 from app import library
-from app.deps import SessionDep
+from app.deps import READ_PROBLEMS, KeyAccess, SessionDep
 from app.schemas import JobPublic, Problem
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(tags=["library"])
+# Jobs need a key even with TVS_PUBLIC_READ: they belong to whoever uploads.
+router = APIRouter(tags=["library"], dependencies=[KeyAccess], responses=READ_PROBLEMS)
 
 MAX_ID = 2**63 - 1
 IdParam = Annotated[int, Path(ge=1, le=MAX_ID)]

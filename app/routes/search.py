@@ -7,13 +7,13 @@ import logging
 from fastapi import APIRouter, HTTPException, status
 
 from app.batching import BatcherClosedError
-from app.deps import MetricsDep, SearcherDep
+from app.deps import READ_PROBLEMS, MetricsDep, ReadAccess, SearcherDep
 from app.schemas import Problem, SearchRequest, SearchResponse
 from app.search_service import run_search
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(tags=["search"])
+router = APIRouter(tags=["search"], dependencies=[ReadAccess], responses=READ_PROBLEMS)
 
 
 @router.post(
