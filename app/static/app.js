@@ -45,6 +45,67 @@ function apiKeyHeaders() {
   return key ? { "X-API-Key": key } : {};
 }
 
+// ---- access: a private library answers 401 until the key is given ------------------------------
+// The key goes in a header on API calls; POST /session also sets an HttpOnly cookie, which is what lets
+// <video> and <img> tags (they cannot send headers) load media and thumbnails.
+let keyPrompt = null;
+
+async function startSession(key) {
+  const response = await fetch("/session", { method: "POST", headers: { "X-API-Key": key } });
+  if (response.ok) {
+    sessionStorage.setItem(KEY_STORAGE, key);
+    $("upload-key").value = key;
+  }
+  return response;
+}
+
+// One prompt however many requests were refused; resolves true once a key is accepted, false if dismissed.
+function askForKey() {
+  if (keyPrompt) return keyPrompt;
+  const dialog = $("key-dialog");
+  keyPrompt = new Promise((resolve) => {
+    const finish = (ok) => {
+      $("key-form").removeEventListener("submit", submit);
+      dialog.removeEventListener("cancel", cancel);
+      if (dialog.open) dialog.close();
+      keyPrompt = null;
+      resolve(ok);
+    };
+    const submit = async (e) => {
+      e.preventDefault();
+      const key = $("key-input").value.trim();
+      if (!key) return;
+      $("key-submit").disabled = true;
+      try {
+        const response = await startSession(key);
+        if (response.ok) { finish(true); return; }
+        $("key-error").textContent = response.status === 401 ? "That key is not valid." : await errorText(response);
+      } catch (err) {
+        $("key-error").textContent = `The server could not be reached (${err.message}).`;
+      } finally {
+        $("key-submit").disabled = false;
+      }
+      $("key-error").hidden = false;
+    };
+    const cancel = () => finish(false);
+    $("key-form").addEventListener("submit", submit);
+    dialog.addEventListener("cancel", cancel);
+    $("key-error").hidden = true;
+    $("key-input").value = "";
+    dialog.showModal();
+    $("key-input").focus();
+  });
+  return keyPrompt;
+}
+
+// fetch() with the key; on 401, ask for the key once and try again.
+async function apiFetch(url, options = {}) {
+  const call = () => fetch(url, { ...options, headers: { ...(options.headers || {}), ...apiKeyHeaders() } });
+  const response = await call();
+  if (response.status !== 401 || !(await askForKey())) return response;
+  return call();
+}
+
 // ---- health -------------------------------------------------------------------------------------
 async function refreshHealth() {
   try {
@@ -84,7 +145,7 @@ async function search(query) {
     group_by: $("opt-group").checked ? "video" : "segment",
   };
   try {
-    const response = await fetch("/search", {
+    const response = await apiFetch("/search", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify(body),
@@ -258,6 +319,7 @@ function upload(file, title) {
     let body = {};
     try { body = JSON.parse(xhr.responseText); } catch (_) { /* not JSON */ }
     $("upload-button").disabled = false;
+    if (xhr.status === 401 && await askForKey()) { upload(file, title); return; }
     if (xhr.status === 200 && body.duplicate_of != null) {
       setUploadState(`Already in your library (video ${body.duplicate_of}, ${body.status}).`, 1, "ok");
       refreshLibrary();
@@ -282,7 +344,7 @@ async function followJob(jobId) {
   for (;;) {
     let job;
     try {
-      const response = await fetch(`/jobs/${jobId}`);
+      const response = await apiFetch(`/jobs/${jobId}`);
       if (!response.ok) { setUploadState(await errorText(response), 0, "error"); return; }
       job = await response.json();
     } catch (_) {
@@ -309,7 +371,7 @@ async function followJob(jobId) {
 // ---- library ------------------------------------------------------------------------------------
 async function refreshLibrary() {
   try {
-    const response = await fetch("/videos?limit=50");
+    const response = await apiFetch("/videos?limit=50");
     if (!response.ok) return;
     const page = await response.json();
     const list = $("library");
@@ -349,7 +411,7 @@ async function refreshLibrary() {
 async function loadExamples() {
   const examples = $("examples");
   try {
-    const response = await fetch("/demo/examples");
+    const response = await apiFetch("/demo/examples");
     if (!response.ok) return;
     const body = await response.json();
     for (const example of body.examples) {
@@ -365,7 +427,10 @@ async function loadExamples() {
 }
 
 // ---- wiring -------------------------------------------------------------------------------------
-function init() {
+async function init() {
+  // A key from earlier in this tab: renew the session cookie before any thumbnail loads.
+  const key = sessionStorage.getItem(KEY_STORAGE);
+  if (key) await startSession(key).catch(() => {});
   loadExamples();
   $("search-form").addEventListener("submit", (e) => { e.preventDefault(); search($("query").value); });
   for (const id of ["opt-rerank", "opt-group", "opt-limit"]) {

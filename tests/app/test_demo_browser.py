@@ -1,4 +1,5 @@
-"""The demo page in headless Chromium: upload a generated clip, wait for it, search its caption, play it."""
+"""The demo page in headless Chromium: upload a generated clip, wait for it, search its caption, play it; on a
+private server, after giving the key it asks for."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ CHROMIUM_ARGS = [
     "--autoplay-policy=no-user-gesture-required",
 ]
 REPO = Path(__file__).resolve().parents[2]
+KEY = "browser-test-key-" + "k" * 16
 
 
 def _chromium() -> str:
@@ -30,7 +32,8 @@ def _chromium() -> str:
     return path
 
 
-def test_upload_search_and_play_in_a_browser(serve, new_database, clips, tmp_path, api):
+@pytest.mark.parametrize("private", [False, True], ids=["open", "private"])
+def test_upload_search_and_play_in_a_browser(serve, new_database, clips, tmp_path, api, private):
     chromium = _chromium()
     sync_api = pytest.importorskip("playwright.sync_api")
     trained = (REPO / DEMO_MODEL_DIR).is_dir()
@@ -41,7 +44,8 @@ def test_upload_search_and_play_in_a_browser(serve, new_database, clips, tmp_pat
     model = str(REPO / DEMO_MODEL_DIR) if trained else "tiny"
     artifacts = Path(os.environ.get("TVS_TEST_ARTIFACTS", tmp_path))
     artifacts.mkdir(parents=True, exist_ok=True)
-    with serve(tmp_path / "data", new_database("sqlite"), model=model) as base:
+    key = {"api_key": KEY} if private else {}
+    with serve(tmp_path / "data", new_database("sqlite"), model=model, **key) as base:
         if trained:
             # With a trained model the clip must beat its look-alike siblings; a random one cannot.
             for other in (c for c in family if c is not target):
@@ -50,6 +54,7 @@ def test_upload_search_and_play_in_a_browser(serve, new_database, clips, tmp_pat
                         f"{base}/videos",
                         files={"file": (other["path"].name, f)},
                         data={"title": other["caption"]},
+                        headers={"X-API-Key": KEY},
                     )
                 assert r.status_code == 202
         with sync_api.sync_playwright() as pw:
@@ -60,12 +65,27 @@ def test_upload_search_and_play_in_a_browser(serve, new_database, clips, tmp_pat
             page.on("pageerror", lambda e: problems.append(str(e)))
             page.goto(base)
             sync_api.expect(page.locator("#status-text")).to_contain_text("indexed", timeout=20_000)
+            if private:
+                # The library answers 401: the page asks for the key, refuses a wrong one, takes the right one.
+                dialog = page.locator("#key-dialog")
+                sync_api.expect(dialog).to_be_visible(timeout=20_000)
+                page.fill("#key-input", "not-the-key")
+                page.click("#key-submit")
+                sync_api.expect(page.locator("#key-error")).to_contain_text("not valid", timeout=10_000)
+                page.fill("#key-input", KEY)
+                page.click("#key-submit")
+                sync_api.expect(dialog).to_be_hidden(timeout=10_000)
 
             page.set_input_files("#upload-file", str(target["path"]))
             page.fill("#upload-title", target["caption"])
             page.click("#upload-button")
             sync_api.expect(page.locator("#upload-state")).to_contain_text("Ready", timeout=90_000)
             sync_api.expect(page.locator("#library li")).to_have_count(6 if trained else 1, timeout=10_000)
+            # <img> tags send no key: on a private server the session cookie is what loads them.
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('#library img')].some((i) => i.naturalWidth > 0)",
+                timeout=20_000,
+            )
 
             page.fill("#query", target["caption"])
             page.press("#query", "Enter")
@@ -82,10 +102,12 @@ def test_upload_search_and_play_in_a_browser(serve, new_database, clips, tmp_pat
                 timeout=20_000,
             )
             page.locator("#results").scroll_into_view_if_needed()
-            shot = artifacts / "demo-results.png"
+            shot = artifacts / ("demo-results-private.png" if private else "demo-results.png")
             page.screenshot(path=str(shot), full_page=True)
             browser.close()
     assert shot.stat().st_size > 10_000
+    if private:  # the refused requests before the key was given, and the wrong key, are expected
+        problems = [p for p in problems if "status of 401 (Unauthorized)" not in p]
     assert not problems, problems
-    if os.environ.get("TVS_UPDATE_SCREENSHOT"):
+    if os.environ.get("TVS_UPDATE_SCREENSHOT") and not private:
         shutil.copyfile(shot, REPO / "docs" / "screenshot.png")
