@@ -19,6 +19,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     ),
     "api_key_missing": (401, "the endpoint needs the API key and none was sent"),
     "api_key_invalid": (401, "the API key sent is not the configured one"),
+    "api_key_read_only": (403, "the read-only key (TVS_READ_API_KEY) was sent to an endpoint that writes"),
     "path_refused": (403, "POST /videos {path}: the path is outside TVS_ALLOWED_ROOTS"),
     "url_refused": (403, "POST /videos {url}: the URL is not allowed (scheme, private address)"),
     "video_not_found": (404, "no video with this id"),

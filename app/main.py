@@ -23,14 +23,17 @@ from sqlalchemy import exc as sa_exc
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.access import API_KEY_HEADER
 from app.allow_header import method_not_allowed
 from app.errors import error_body, http_error
 from app.metrics import Metrics, RequestMetricsMiddleware
+from app.metrics_server import MetricsServer
 from app.request_log import RequestLogMiddleware
-from app.routes import demo, jobs, search, system, videos
-from app.security import API_KEY_HEADER, BodyLimitMiddleware, SecurityHeadersMiddleware
+from app.routes import demo, docs, jobs, search, session, system, videos
+from app.security import BodyLimitMiddleware, SecurityHeadersMiddleware
 from app.services import open_services
 from app.settings import Settings
+from app.system_status import render_metrics
 from app.version import package_version
 from indexer.log_setup import configure_logging
 
@@ -50,9 +53,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     services = await run_in_threadpool(open_services, settings, app.state.metrics)
     await services.searcher.start()
     app.state.services = services
+    metrics_server = None
     try:
+        if settings.metrics_port is not None:
+            metrics_server = MetricsServer(
+                lambda: render_metrics(app.state.services, app.state.metrics),
+                settings.metrics_host,
+                settings.metrics_port,
+            )
+            await run_in_threadpool(metrics_server.start)
         yield
     finally:
+        if metrics_server is not None:
+            await run_in_threadpool(metrics_server.stop)
         app.state.services = None
         await services.searcher.stop()
         await run_in_threadpool(services.close)
@@ -129,6 +142,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Type a sentence, get the matching moments of your videos",
         lifespan=lifespan,
         generate_unique_id_function=operation_id,
+        # Served by app/routes/docs.py instead, behind the same access as the library's reads.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
@@ -138,8 +155,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, http_error)
     for error in DATABASE_UNAVAILABLE:
         app.add_exception_handler(error, _database_unavailable)
-    for module in (search, videos, jobs, system, demo):
+    for module in (search, videos, jobs, system, session, docs, demo):
         app.include_router(module.router)
+    if settings.metrics_port is None:
+        app.include_router(system.metrics_router)
     app.mount("/static", StaticFiles(directory=demo.STATIC_DIR), name="static")
     if settings.cors_origins:
         app.add_middleware(

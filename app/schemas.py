@@ -367,7 +367,8 @@ class HealthResponse(BaseModel):
         default=None, description="this replica's place in the change feed; null while starting"
     )
     worker: bool = Field(description="whether this process runs an indexing worker thread")
-    auth_required: bool = Field(description="whether write endpoints need an API key")
+    auth_required: bool = Field(description="whether an API key is configured (writes need it)")
+    public_read: bool = Field(description="whether search, the video list and media answer without a key")
     max_upload_bytes: int
 
 

@@ -1,19 +1,15 @@
-"""API-key checks for write endpoints and security headers for the demo page."""
+"""Security headers for every response (the CSP for the demo page) and a limit on JSON request bodies."""
 
 from __future__ import annotations
 
-import hmac
 import logging
 
-from fastapi import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import ApiError, error_body
 
 logger = logging.getLogger(__name__)
-
-API_KEY_HEADER = "X-API-Key"
 
 # The demo page loads only its own script, style and media; no inline script, no third parties.
 CONTENT_SECURITY_POLICY = "; ".join(
@@ -39,28 +35,6 @@ _PAGE = [
     (b"x-frame-options", b"DENY"),
     (b"cross-origin-opener-policy", b"same-origin"),
 ]
-
-
-def presented_key(request: Request) -> str | None:
-    key = request.headers.get(API_KEY_HEADER)
-    if key:
-        return key
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
-def check_api_key(expected: str | None, presented: str | None) -> None:
-    """Raise 401 unless no key is configured or the presented one matches (constant-time)."""
-    if expected is None:
-        return
-    if presented is None:
-        raise ApiError(
-            "api_key_missing",
-            f"this endpoint needs the API key: send it in the {API_KEY_HEADER} header",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    if not hmac.compare_digest(presented.encode(), expected.encode()):
-        raise ApiError("api_key_invalid", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
 
 
 class SecurityHeadersMiddleware:

@@ -9,6 +9,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
 from app.cutoff import DefaultCutoff
+from app.metrics import Metrics
 from app.schemas import HealthCutoff, HealthFeed, HealthIndex, HealthModel, HealthResponse, HealthStatus
 from app.services import Services
 from app.settings import Settings
@@ -23,6 +24,7 @@ def health(services: Services | None, settings: Settings) -> HealthResponse:
     common: dict[str, Any] = dict(
         worker=settings.worker,
         auth_required=settings.api_key is not None,
+        public_read=settings.reads_are_public,
         max_upload_bytes=settings.max_upload_bytes,
     )
     if services is None:
@@ -100,6 +102,15 @@ def database_reachable(services: Services) -> bool:
         logger.warning("health: the catalog database is unreachable (%s)", type(e).__name__)
         return False
     return True
+
+
+def render_metrics(services: Services | None, metrics: Metrics) -> bytes:
+    """The Prometheus text for /metrics, on either port (blocking: it counts the jobs in the catalog)."""
+    size = services.index.size if services is not None else 0
+    info = (services.index.device, services.index.factory) if services is not None else None
+    lag = services.index.feed_lag if services is not None else None
+    feed = (lag.seconds(), lag.rows) if lag is not None else (0.0, 0)
+    return metrics.render(size, jobs_by_state(services), info, feed)
 
 
 def jobs_by_state(services: Services | None) -> dict[str, int]:

@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
-from app.deps import SettingsDep
+from app.deps import READ_PROBLEMS, ReadAccess, SettingsDep
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def demo_page() -> FileResponse:
     )
 
 
-@router.get("/demo/examples", response_model=DemoExamples)
+@router.get("/demo/examples", response_model=DemoExamples, dependencies=[ReadAccess], responses=READ_PROBLEMS)
 def demo_examples(settings: SettingsDep) -> DemoExamples:
     """Example queries for the demo page: captions of clips in this library (none unless `make demo` wrote them)."""
     path = settings.data_dir / EXAMPLES_FILE

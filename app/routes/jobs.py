@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query
 
 from app import library
-from app.deps import SessionDep, WriteAccess
+from app.deps import READ_PROBLEMS, WRITE_PROBLEMS, KeyAccess, SessionDep, WriteAccess
 from app.errors import ApiError
 from app.job_control import cancel_job, retry_job
 from app.schemas import JobPublic, JobsPublic, JobState, Problem
@@ -16,7 +16,8 @@ from indexer.jobs import JobStateError
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(tags=["library"])
+# Jobs need a key even with TVS_PUBLIC_READ: they belong to whoever uploads.
+router = APIRouter(tags=["library"], dependencies=[KeyAccess], responses=READ_PROBLEMS)
 
 MAX_ID = 2**63 - 1
 IdParam = Annotated[int, Path(ge=1, le=MAX_ID)]
@@ -52,7 +53,7 @@ def get_job(job_id: IdParam, session: SessionDep) -> JobPublic:
     dependencies=[WriteAccess],
     summary="Queue a failed or cancelled job again, with a fresh set of attempts",
     responses={
-        **_problem(401, "API key missing or wrong"),
+        **WRITE_PROBLEMS,
         **_problem(404, "no such job"),
         **_problem(409, "the job is not failed or cancelled, or its video was deleted"),
     },
@@ -73,7 +74,7 @@ def retry(job_id: IdParam, session: SessionDep) -> JobPublic:
     dependencies=[WriteAccess],
     summary="Cancel a queued or running job; its worker stops between stages and nothing of it is searchable",
     responses={
-        **_problem(401, "API key missing or wrong"),
+        **WRITE_PROBLEMS,
         **_problem(404, "no such job"),
         **_problem(409, "the job has already finished (ready, failed or cancelled)"),
     },

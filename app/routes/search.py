@@ -7,7 +7,7 @@ import logging
 from fastapi import APIRouter
 
 from app.batching import BatcherClosedError
-from app.deps import MetricsDep, SearcherDep
+from app.deps import READ_PROBLEMS, MetricsDep, ReadAccess, SearcherDep
 from app.errors import ApiError
 from app.page_tokens import PageTokenError
 from app.schemas import Problem, SearchRequest, SearchResponse
@@ -15,7 +15,7 @@ from app.search_service import run_search
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(tags=["search"])
+router = APIRouter(tags=["search"], dependencies=[ReadAccess], responses=READ_PROBLEMS)
 
 
 @router.post(

@@ -1,4 +1,4 @@
-"""GET /health and GET /metrics."""
+"""GET /health (always public) and GET /metrics (on the main port unless TVS_METRICS_PORT moves it)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,16 @@ from fastapi import APIRouter, Request, Response, status
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
-from app.deps import MetricsDep, SettingsDep
+from app.deps import READ_PROBLEMS, KeyAccess, MetricsDep, SettingsDep
 from app.schemas import HealthResponse
 from app.services import Services
-from app.system_status import health, jobs_by_state
+from app.system_status import health, render_metrics
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["system"])
+# Included by create_app only when /metrics is not on a port of its own; needs a key, like the jobs.
+metrics_router = APIRouter(tags=["system"], dependencies=[KeyAccess], responses=READ_PROBLEMS)
 
 
 @router.get(
@@ -38,12 +40,10 @@ def get_health(request: Request, response: Response, settings: SettingsDep) -> H
     return body
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+@metrics_router.get(
+    "/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}}
+)
 async def get_metrics(request: Request, metrics: MetricsDep) -> Response:
     services: Services | None = getattr(request.app.state, "services", None)
-    size = services.index.size if services is not None else 0
-    info = (services.index.device, services.index.factory) if services is not None else None
-    lag = services.index.feed_lag if services is not None else None
-    jobs = await run_in_threadpool(jobs_by_state, services)
-    feed = (lag.seconds(), lag.rows) if lag is not None else (0.0, 0)
-    return Response(metrics.render(size, jobs, info, feed), media_type=CONTENT_TYPE_LATEST)
+    body = await run_in_threadpool(render_metrics, services, metrics)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -11,7 +11,18 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ValidationError
 
 from app import library
-from app.deps import DataDep, FetcherDep, IngestorDep, MetricsDep, SessionDep, SettingsDep, WriteAccess
+from app.deps import (
+    READ_PROBLEMS,
+    WRITE_PROBLEMS,
+    DataDep,
+    FetcherDep,
+    IngestorDep,
+    MetricsDep,
+    ReadAccess,
+    SessionDep,
+    SettingsDep,
+    WriteAccess,
+)
 from app.errors import ApiError
 from app.ingestion import (
     BadSourceError,
@@ -90,8 +101,8 @@ def _problem(code: int, description: str) -> dict[int | str, dict[str, Any]]:
     ),
     responses={
         200: {"model": IngestResponse, "description": "an identical file is already in the library"},
-        **_problem(401, "an API key is configured and was not presented"),
-        **_problem(403, "the path or URL is not allowed"),
+        **WRITE_PROBLEMS,
+        **_problem(403, "the key is read-only, or the path or URL is not allowed"),
         **_problem(404, "the path does not exist"),
         **_problem(413, "larger than TVS_MAX_UPLOAD_BYTES"),
         **_problem(415, "neither multipart/form-data nor JSON"),
@@ -144,7 +155,7 @@ async def add_video(
     )
 
 
-@router.get("/videos", response_model=VideosPublic)
+@router.get("/videos", response_model=VideosPublic, dependencies=[ReadAccess], responses=READ_PROBLEMS)
 def list_videos(
     session: SessionDep,
     offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
@@ -154,7 +165,12 @@ def list_videos(
     return library.list_videos(session, offset=offset, limit=limit, status=status)
 
 
-@router.get("/videos/{video_id}", response_model=VideoDetail, responses=_problem(404, "no such video"))
+@router.get(
+    "/videos/{video_id}",
+    response_model=VideoDetail,
+    dependencies=[ReadAccess],
+    responses={**READ_PROBLEMS, **_problem(404, "no such video")},
+)
 def get_video(video_id: IdParam, session: SessionDep) -> VideoDetail:
     video = library.get_video_detail(session, video_id=video_id)
     if video is None:
@@ -166,7 +182,7 @@ def get_video(video_id: IdParam, session: SessionDep) -> VideoDetail:
     "/videos/{video_id}",
     response_model=DeleteResponse,
     dependencies=[WriteAccess],
-    responses={**_problem(401, "API key missing or wrong"), **_problem(404, "no such video")},
+    responses={**WRITE_PROBLEMS, **_problem(404, "no such video")},
 )
 def delete_video(video_id: IdParam, ingestor: IngestorDep) -> DeleteResponse:
     freed = ingestor.delete(video_id)
@@ -178,7 +194,9 @@ def delete_video(video_id: IdParam, ingestor: IngestorDep) -> DeleteResponse:
 @router.get(
     "/videos/{video_id}/media",
     response_class=FileResponse,
+    dependencies=[ReadAccess],
     responses={
+        **READ_PROBLEMS,
         # The type comes from the probed container; a file whose container is not known is served as bytes.
         200: {"content": {"video/*": {}, "application/octet-stream": {}}},
         206: {
@@ -201,11 +219,20 @@ def video_media(video_id: IdParam, session: SessionDep, data: DataDep) -> FileRe
 @router.get(
     "/segments/{segment_id}/thumbnail",
     response_class=FileResponse,
-    responses={200: {"content": {"image/jpeg": {}}}, **_problem(404, "no such segment or thumbnail")},
+    dependencies=[ReadAccess],
+    responses={
+        200: {"content": {"image/jpeg": {}}},
+        **READ_PROBLEMS,
+        **_problem(404, "no such segment or thumbnail"),
+    },
 )
-def segment_thumbnail(segment_id: IdParam, session: SessionDep, data: DataDep) -> FileResponse:
+def segment_thumbnail(
+    segment_id: IdParam, session: SessionDep, data: DataDep, settings: SettingsDep
+) -> FileResponse:
     path = library.thumbnail_file(session, data, segment_id=segment_id)
     if path is None:
         raise ApiError("thumbnail_not_found", f"no thumbnail for segment {segment_id}")
-    # A segment id is never reused, so its thumbnail never changes.
-    return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
+    # A segment id is never reused, so its thumbnail never changes; a private library's stays out of
+    # shared caches.
+    scope = "public" if settings.reads_are_public else "private"
+    return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": f"{scope}, max-age=86400"})

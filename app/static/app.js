@@ -45,6 +45,67 @@ function apiKeyHeaders() {
   return key ? { "X-API-Key": key } : {};
 }
 
+// ---- access: a private library answers 401 until the key is given ------------------------------
+// The key goes in a header on API calls; POST /session also sets an HttpOnly cookie, which is what lets
+// <video> and <img> tags (they cannot send headers) load media and thumbnails.
+let keyPrompt = null;
+
+async function startSession(key) {
+  const response = await fetch("/session", { method: "POST", headers: { "X-API-Key": key } });
+  if (response.ok) {
+    sessionStorage.setItem(KEY_STORAGE, key);
+    $("upload-key").value = key;
+  }
+  return response;
+}
+
+// One prompt however many requests were refused; resolves true once a key is accepted, false if dismissed.
+function askForKey() {
+  if (keyPrompt) return keyPrompt;
+  const dialog = $("key-dialog");
+  keyPrompt = new Promise((resolve) => {
+    const finish = (ok) => {
+      $("key-form").removeEventListener("submit", submit);
+      dialog.removeEventListener("cancel", cancel);
+      if (dialog.open) dialog.close();
+      keyPrompt = null;
+      resolve(ok);
+    };
+    const submit = async (e) => {
+      e.preventDefault();
+      const key = $("key-input").value.trim();
+      if (!key) return;
+      $("key-submit").disabled = true;
+      try {
+        const response = await startSession(key);
+        if (response.ok) { finish(true); return; }
+        $("key-error").textContent = response.status === 401 ? "That key is not valid." : await errorText(response);
+      } catch (err) {
+        $("key-error").textContent = `The server could not be reached (${err.message}).`;
+      } finally {
+        $("key-submit").disabled = false;
+      }
+      $("key-error").hidden = false;
+    };
+    const cancel = () => finish(false);
+    $("key-form").addEventListener("submit", submit);
+    dialog.addEventListener("cancel", cancel);
+    $("key-error").hidden = true;
+    $("key-input").value = "";
+    dialog.showModal();
+    $("key-input").focus();
+  });
+  return keyPrompt;
+}
+
+// fetch() with the key; on 401, ask for the key once and try again.
+async function apiFetch(url, options = {}) {
+  const call = () => fetch(url, { ...options, headers: { ...(options.headers || {}), ...apiKeyHeaders() } });
+  const response = await call();
+  if (response.status !== 401 || !(await askForKey())) return response;
+  return call();
+}
+
 // ---- health -------------------------------------------------------------------------------------
 async function refreshHealth() {
   try {
@@ -119,7 +180,7 @@ async function runSearch(body, append) {
   $("more").disabled = true;
   if (!append) $("summary").textContent = "Searching…";
   try {
-    const response = await fetch("/search", {
+    const response = await apiFetch("/search", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify(body),
@@ -315,6 +376,7 @@ function upload(file, title) {
     let body = {};
     try { body = JSON.parse(xhr.responseText); } catch (_) { /* not JSON */ }
     $("upload-button").disabled = false;
+    if (xhr.status === 401 && await askForKey()) { upload(file, title); return; }
     if (xhr.status === 200 || xhr.status === 202) clearUploadForm();
     if (xhr.status === 200 && body.duplicate_of != null) {
       setUploadState(`Already in your library (video ${body.duplicate_of}, ${body.status}).`, 1, "ok");
@@ -348,9 +410,9 @@ function addUrl(url, title) {
   if (key) sessionStorage.setItem(KEY_STORAGE, key);
   $("upload-button").disabled = true;
   setUploadState("Sending the URL…", 0);
-  fetch("/videos", {
+  apiFetch("/videos", {
     method: "POST",
-    headers: { "Content-Type": "application/json", ...apiKeyHeaders() },
+    headers: { "Content-Type": "application/json" },
     body: JSON.stringify(title ? { url, title } : { url }),
   }).then(async (response) => {
     $("upload-button").disabled = false;
@@ -383,7 +445,7 @@ async function followJob(jobId) {
   for (;;) {
     let job;
     try {
-      const response = await fetch(`/jobs/${jobId}`);
+      const response = await apiFetch(`/jobs/${jobId}`);
       if (!response.ok) { setUploadState(await errorText(response), 0, "error"); return; }
       job = await response.json();
     } catch (_) {
@@ -410,7 +472,7 @@ async function followJob(jobId) {
 let libraryTimer = null;
 
 async function act(method, url) {
-  const response = await fetch(url, { method, headers: apiKeyHeaders() });
+  const response = await apiFetch(url, { method });
   if (!response.ok) setUploadState(await errorText(response), 0, "error");
   refreshLibrary();
 }
@@ -459,7 +521,7 @@ function jobActions(job) {
 async function refreshLibrary() {
   clearTimeout(libraryTimer);
   try {
-    const [videosResponse, jobsResponse] = await Promise.all([fetch("/videos?limit=50"), fetch("/jobs?limit=100")]);
+    const [videosResponse, jobsResponse] = await Promise.all([apiFetch("/videos?limit=50"), apiFetch("/jobs?limit=100")]);
     if (!videosResponse.ok) return;
     const page = await videosResponse.json();
     const jobs = jobsResponse.ok ? (await jobsResponse.json()).data : [];
@@ -516,7 +578,7 @@ async function refreshLibrary() {
 async function loadExamples() {
   const examples = $("examples");
   try {
-    const response = await fetch("/demo/examples");
+    const response = await apiFetch("/demo/examples");
     if (!response.ok) return;
     const body = await response.json();
     for (const example of body.examples) {
@@ -532,7 +594,10 @@ async function loadExamples() {
 }
 
 // ---- wiring -------------------------------------------------------------------------------------
-function init() {
+async function init() {
+  // A key from earlier in this tab: renew the session cookie before any thumbnail loads.
+  const key = sessionStorage.getItem(KEY_STORAGE);
+  if (key) await startSession(key).catch(() => {});
   loadExamples();
   const initial = applyUrl();
   if (initial) search(initial, { push: false });

@@ -1,6 +1,6 @@
-"""The demo page in headless Chromium: upload a generated clip, wait for it, search its caption, play it; the
-search in the URL, paging, no good match; add a URL that is no video, see it failed with the reason, retry
-it; delete a video from the library."""
+"""The demo page in headless Chromium: upload a generated clip, wait for it, search its caption, play it (on a
+private server too, after giving the key it asks for); the search in the URL, paging, no good match; add a
+URL that is no video, see it failed with the reason, retry it; delete a video from the library."""
 
 from __future__ import annotations
 
@@ -28,6 +28,9 @@ CHROMIUM_ARGS = [
     "--autoplay-policy=no-user-gesture-required",
 ]
 REPO = Path(__file__).resolve().parents[2]
+KEY = "browser-test-key-" + "k" * 16
+# Sent with every direct API call; a server without a key ignores it.
+AUTH = {"X-API-Key": KEY}
 
 
 def _chromium() -> str:
@@ -58,7 +61,8 @@ def notes_server() -> Iterator[str]:
     httpd.server_close()
 
 
-def test_upload_search_and_play_in_a_browser(serve, new_database, clips, tmp_path, api, notes_server):
+@pytest.mark.parametrize("private", [False, True], ids=["open", "private"])
+def test_upload_search_and_play_in_a_browser(serve, new_database, clips, tmp_path, api, private, notes_server):
     chromium = _chromium()
     sync_api = pytest.importorskip("playwright.sync_api")
     trained = (REPO / DEMO_MODEL_DIR).is_dir()
@@ -69,7 +73,8 @@ def test_upload_search_and_play_in_a_browser(serve, new_database, clips, tmp_pat
     model = str(REPO / DEMO_MODEL_DIR) if trained else "tiny"
     artifacts = Path(os.environ.get("TVS_TEST_ARTIFACTS", tmp_path))
     artifacts.mkdir(parents=True, exist_ok=True)
-    with serve(tmp_path / "data", new_database("sqlite"), model=model, allow_private_urls=True) as base:
+    key = {"api_key": KEY} if private else {}
+    with serve(tmp_path / "data", new_database("sqlite"), model=model, allow_private_urls=True, **key) as base:
         if trained:
             # With a trained model the clip must beat its look-alike siblings; a random one cannot.
             for other in (c for c in family if c is not target):
@@ -78,6 +83,7 @@ def test_upload_search_and_play_in_a_browser(serve, new_database, clips, tmp_pat
                         f"{base}/videos",
                         files={"file": (other["path"].name, f)},
                         data={"title": other["caption"]},
+                        headers={"X-API-Key": KEY},
                     )
                 assert r.status_code == 202
         with sync_api.sync_playwright() as pw:
@@ -88,12 +94,27 @@ def test_upload_search_and_play_in_a_browser(serve, new_database, clips, tmp_pat
             page.on("pageerror", lambda e: problems.append(str(e)))
             page.goto(base)
             sync_api.expect(page.locator("#status-text")).to_contain_text("indexed", timeout=20_000)
+            if private:
+                # The library answers 401: the page asks for the key, refuses a wrong one, takes the right one.
+                dialog = page.locator("#key-dialog")
+                sync_api.expect(dialog).to_be_visible(timeout=20_000)
+                page.fill("#key-input", "not-the-key")
+                page.click("#key-submit")
+                sync_api.expect(page.locator("#key-error")).to_contain_text("not valid", timeout=10_000)
+                page.fill("#key-input", KEY)
+                page.click("#key-submit")
+                sync_api.expect(dialog).to_be_hidden(timeout=10_000)
 
             page.set_input_files("#upload-file", str(target["path"]))
             page.fill("#upload-title", target["caption"])
             page.click("#upload-button")
             sync_api.expect(page.locator("#upload-state")).to_contain_text("Ready", timeout=90_000)
             sync_api.expect(page.locator("#library li")).to_have_count(6 if trained else 1, timeout=10_000)
+            # <img> tags send no key: on a private server the session cookie is what loads them.
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('#library img')].some((i) => i.naturalWidth > 0)",
+                timeout=20_000,
+            )
 
             page.fill("#query", target["caption"])
             page.press("#query", "Enter")
@@ -101,7 +122,7 @@ def test_upload_search_and_play_in_a_browser(serve, new_database, clips, tmp_pat
             sync_api.expect(cards.first).to_be_visible(timeout=20_000)
             sync_api.expect(cards.first.locator(".card-title")).to_have_text(target["caption"])
             # The model's own cut-off applies: the page says "No good match" exactly when the API does.
-            answer = httpx.post(f"{base}/search", json={"query": target["caption"], "limit": 12}).json()
+            answer = httpx.post(f"{base}/search", json={"query": target["caption"], "limit": 12}, headers=AUTH).json()
             no_match = page.locator("#no-match")
             if answer["no_good_match"]:
                 sync_api.expect(no_match).to_be_visible()
@@ -118,7 +139,7 @@ def test_upload_search_and_play_in_a_browser(serve, new_database, clips, tmp_pat
                 timeout=20_000,
             )
             page.locator("#results").scroll_into_view_if_needed()
-            shot = artifacts / "demo-results.png"
+            shot = artifacts / ("demo-results-private.png" if private else "demo-results.png")
             page.screenshot(path=str(shot), full_page=True)
 
             # The search lives in the address bar, and back/forward walk through searches.
@@ -159,7 +180,7 @@ def test_upload_search_and_play_in_a_browser(serve, new_database, clips, tmp_pat
             notes = page.locator("#library li", has_text="my notes")
             sync_api.expect(notes.locator(".badge")).to_have_text("failed", timeout=10_000)
             sync_api.expect(notes.locator(".library-error")).to_contain_text("not a video")
-            job = httpx.get(f"{base}/jobs", params={"state": "failed"}).json()["data"][0]
+            job = httpx.get(f"{base}/jobs", params={"state": "failed"}, headers=AUTH).json()["data"][0]
             with page.expect_response(lambda r: r.url.endswith(f"/jobs/{job['id']}/retry")) as retried:
                 notes.get_by_role("button", name="Retry").click()
             assert retried.value.status == 200
@@ -175,11 +196,13 @@ def test_upload_search_and_play_in_a_browser(serve, new_database, clips, tmp_pat
             before = page.locator("#library li").count()
             mine.get_by_role("button", name="Delete").click()
             sync_api.expect(page.locator("#library li")).to_have_count(before - 1, timeout=10_000)
-            assert httpx.get(f"{base}/videos/{_video_id(base, target['caption'])}").status_code == 404
+            assert httpx.get(f"{base}/videos/{_video_id(base, target['caption'])}", headers=AUTH).status_code == 404
             browser.close()
     assert shot.stat().st_size > 10_000
+    if private:  # the refused requests before the key was given, and the wrong key, are expected
+        problems = [p for p in problems if "status of 401 (Unauthorized)" not in p]
     assert not problems, problems
-    if os.environ.get("TVS_UPDATE_SCREENSHOT"):
+    if os.environ.get("TVS_UPDATE_SCREENSHOT") and not private:
         shutil.copyfile(shot, REPO / "docs" / "screenshot.png")
 
 
@@ -190,9 +213,9 @@ class _Client:
         self.base = base
 
     def get(self, path: str) -> httpx.Response:
-        return httpx.get(f"{self.base}{path}")
+        return httpx.get(f"{self.base}{path}", headers=AUTH)
 
 
 def _video_id(base: str, title: str) -> int:
-    jobs = httpx.get(f"{base}/jobs", params={"state": "ready"}).json()["data"]
+    jobs = httpx.get(f"{base}/jobs", params={"state": "ready"}, headers=AUTH).json()["data"]
     return next(j["video_id"] for j in jobs if j["title"] == title)

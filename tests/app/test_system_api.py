@@ -76,10 +76,10 @@ def test_write_endpoints_need_the_api_key(service, clips, api):
         assert (
             client.delete(f"/videos/{video_id}", headers={"Authorization": "Bearer nope"}).status_code == 401
         )
-        # Reads stay open.
-        assert client.get("/videos").status_code == 200
-        assert client.post("/search", json={"query": "dog"}).status_code == 200
-        assert client.get(f"/jobs/{ok.json()['job_id']}").status_code == 200
+        # Reads need it too (private by default; tests/app/test_access.py has every route).
+        assert client.get("/videos").status_code == 401
+        assert client.post("/search", json={"query": "dog"}).status_code == 401
+        assert client.get(f"/jobs/{ok.json()['job_id']}", headers={"X-API-Key": KEY}).status_code == 200
         assert (
             client.delete(f"/videos/{video_id}", headers={"Authorization": f"Bearer {KEY}"}).status_code
             == 200
