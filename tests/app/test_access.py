@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from helpers.ports import free_port
 from pydantic import ValidationError
 
 from app.access import SESSION_COOKIE, Keys, issue_session
@@ -191,14 +192,8 @@ def test_public_read_opens_the_library_but_not_jobs_metrics_or_writes(service, c
         assert call(client, "GET", "/jobs/{job_id}", ids, **{"X-API-Key": READ}).status_code == 200
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_metrics_on_their_own_port_over_real_sockets(serve, new_database, tmp_path) -> None:
-    port = _free_port()
+    port = free_port()
     with serve(tmp_path / "data", new_database("sqlite"), api_key=KEY, metrics_port=port) as base:
         metrics_url = f"http://127.0.0.1:{port}/metrics"
         first = httpx.get(
