@@ -43,19 +43,21 @@ def test_a_service_that_is_still_starting_answers_503_with_its_code() -> None:
 
 def test_every_error_of_a_running_service_has_its_code(service, clips, api) -> None:
     with service(api_key=KEY, max_upload_bytes=1000) as client:
+        read = {"X-API-Key": KEY}  # reads need the key too, once one is configured
         cases = [
-            (client.get("/videos/9999"), 404, "video_not_found"),
-            (client.get("/jobs/9999"), 404, "job_not_found"),
-            (client.get("/videos/9999/media"), 404, "media_not_found"),
-            (client.get("/segments/9999/thumbnail"), 404, "thumbnail_not_found"),
+            (client.get("/videos/9999", headers=read), 404, "video_not_found"),
+            (client.get("/jobs/9999", headers=read), 404, "job_not_found"),
+            (client.get("/videos/9999/media", headers=read), 404, "media_not_found"),
+            (client.get("/segments/9999/thumbnail", headers=read), 404, "thumbnail_not_found"),
             (client.get("/no/such/route"), 404, "not_found"),
-            (client.put("/search"), 405, "method_not_allowed"),
-            (api.search(client, ""), 422, "validation_error"),
-            (client.get("/videos/0"), 422, "validation_error"),
+            (client.put("/search", headers=read), 405, "method_not_allowed"),
+            (client.post("/search", json={"query": ""}, headers=read), 422, "validation_error"),
+            (client.get("/videos/0", headers=read), 422, "validation_error"),
+            (client.get("/videos/9999"), 401, "api_key_missing"),
             (api.upload(client, clips[0]["path"]), 401, "api_key_missing"),
             (api.upload(client, clips[0]["path"], **{"X-API-Key": "wrong"}), 401, "api_key_invalid"),
             (api.upload(client, clips[0]["path"], **{"X-API-Key": KEY}), 413, "upload_too_large"),
-            (client.post("/search", content=b"x" * (2 << 20)), 413, "body_too_large"),
+            (client.post("/search", content=b"x" * (2 << 20), headers=read), 413, "body_too_large"),
             (
                 client.post(
                     "/videos", content=b"x", headers={"X-API-Key": KEY, "content-type": "text/plain"}
@@ -68,7 +70,7 @@ def test_every_error_of_a_running_service_has_its_code(service, clips, api) -> N
             assert (r.status_code, r.json().get("code")) == (status, code), r.text
             assert ERROR_CODES[code][0] == status
             assert isinstance(r.json()["detail"], list if code == "validation_error" else str)
-        assert "query" in api.search(client, "").json()["message"]
+        assert "query" in client.post("/search", json={"query": ""}, headers=read).json()["message"]
 
 
 def test_an_unexpected_exception_is_a_json_500_with_the_request_id(
