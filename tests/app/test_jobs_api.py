@@ -79,4 +79,5 @@ def test_cancel_and_retry_need_the_api_key(service, clips, api):
         job_id = api.upload(client, clips[0]["path"], **{"X-API-Key": "k" * 20}).json()["job_id"]
         assert client.delete(f"/jobs/{job_id}").status_code == 401
         assert client.post(f"/jobs/{job_id}/retry").status_code == 401
-        assert client.get("/jobs").status_code == 200
+        assert client.get("/jobs").status_code == 401  # jobs are private once a key is configured
+        assert client.get("/jobs", headers={"X-API-Key": "k" * 20}).status_code == 200
