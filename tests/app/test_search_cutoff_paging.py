@@ -40,6 +40,7 @@ def library(request, new_database, launch, tmp_path_factory, clips) -> Iterator[
         for video_id in ids:
             job = client.get(f"/videos/{video_id}").json()["latest_job"]
             _wait(client, job["id"])
+        _wait_indexed(client, ids)
         yield {"client": client, "ids": ids, "metas": metas, "captions": [c["caption"] for c in clips]}
 
 
@@ -54,6 +55,25 @@ def _wait(client, job_id: int) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} did not finish")
+
+
+def _wait_indexed(client, video_ids: list[int]) -> None:
+    """Until the search index holds every segment of these videos.
+
+    A job is `ready` once its rows commit; the serving index learns of them from the change feed, which
+    its follower thread reads every `follow_interval_s`. Without this wait the first tests ran while the
+    last video's segments were still arriving, so a search and the page walk after it could see two
+    different libraries (a segment "appearing" in the walk, one item longer than the single search).
+    """
+    import time
+
+    segments = sum(len(client.get(f"/videos/{v}").json()["segments"]) for v in video_ids)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if client.get("/health").json()["index"]["size"] == segments:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the index did not reach {segments} segments")
 
 
 def _search(client, query: str = "a red square moves left", **body: Any) -> Any:
