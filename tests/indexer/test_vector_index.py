@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import tracemalloc
 from pathlib import Path
 
 import faiss
@@ -18,6 +19,7 @@ from indexer.vector_index import (
     TrainingError,
     VectorIndex,
     build_index,
+    build_index_from,
 )
 
 D = 32
@@ -133,6 +135,56 @@ def test_training_with_too_few_vectors_suggests_flat() -> None:
         VectorIndex(D, "Flat", nprobe=4)
     with pytest.raises(ValueError, match="factory"):
         VectorIndex(D, "NoSuchIndex")
+
+
+def test_training_reads_a_bounded_sample_and_adding_reads_in_chunks() -> None:
+    n, dim = 6000, 16
+    db = _mixture(n, 64, dim=dim)
+    assert VectorIndex(dim, "IVF8,Flat").train_sample_size == 256 * 8  # 256 per list < the 6000 vectors
+    assert VectorIndex(dim, "Flat").train_sample_size == 0
+    asked: list[np.ndarray] = []
+
+    def read(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        asked.append(ids)
+        found = ids[ids % 7 != 3]  # a reader may not have every id (a freed token record)
+        return found, db[found]
+
+    index = build_index_from(dim, "IVF8,Flat", np.arange(n), read, chunk=1000)
+    train, *chunks = asked
+    assert len(train) == len(np.unique(train)) == 2048  # training saw the sample, not all 6000
+    assert all(len(c) <= 1000 for c in chunks)
+    np.testing.assert_array_equal(np.concatenate(chunks), np.arange(n))
+    kept = np.arange(n)[np.arange(n) % 7 != 3]
+    np.testing.assert_array_equal(index.ids(), kept)
+    index.set_search_params(nprobe=8)  # every list: exact
+    queries = _mixture(20, 64, dim=dim, seed=1)
+    np.testing.assert_array_equal(index.search(queries, 10)[1], _exact(db[kept], kept, queries, 10)[1])
+
+
+def test_train_samples_down_to_the_sample_size() -> None:
+    big, small = VectorIndex(D, "IVF4,Flat"), VectorIndex(D, "IVF4,Flat")
+    db = _mixture(3000, 8)
+    assert big.train_sample_size == 1024
+    big.train(db)  # 3000 vectors: a sample of 1024 of them is trained on
+    rows = np.sort(np.random.default_rng(0).choice(3000, 1024, replace=False))
+    small.train(db[rows])
+    big.add(np.arange(3000), db)
+    small.add(np.arange(3000), db)
+    np.testing.assert_array_equal(big.search(db[:50], 5)[1], small.search(db[:50], 5)[1])
+
+
+def test_loading_a_snapshot_holds_no_second_copy_of_the_file(tmp_path: Path) -> None:
+    n = 50_000  # a 6.8 MB file
+    path = tmp_path / "index.faiss"
+    build_index(D, "Flat", np.arange(n), _mixture(n, 8)).save(path, {"model_id": "m", "last_seq": 1})
+    tracemalloc.start()  # numpy's buffers are traced (faiss's own are not): the file read into one was
+    try:
+        loaded, _ = VectorIndex.load(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert loaded.ntotal == n
+    assert peak < 0.5 * path.stat().st_size, (peak, path.stat().st_size)
 
 
 def test_snapshot_round_trip(tmp_path: Path) -> None:
