@@ -28,6 +28,7 @@ MIN_TRAIN_PER_CENTROID = 39  # below this faiss's k-means warns that centroids a
 TRAIN_PER_CENTROID = 256  # faiss's k-means samples down to this many points per centroid anyway
 MAX_TRAIN_SAMPLE = 131_072  # k-means time and the sample's float32 copy stay bounded on any library size
 BUILD_CHUNK = 65_536  # vectors read and added at a time when an index is built from a reader
+ADD_SLICE = 64  # vectors added per hold of the write lock: what a search waits for at most while adding
 _TORCH_BLOCK_ROWS = 65536  # database rows per matmul block in batched exact search
 _STALE_TMP_SECONDS = 3600
 _READ_ATTEMPTS = 5  # loads that raced a save in another process, read again
@@ -57,19 +58,29 @@ class TrainingError(VectorIndexError, ValueError):
 
 
 class _RWLock:
-    """Many concurrent searches, one exclusive mutation; waiting writers block new readers."""
+    """Many concurrent searches, one exclusive mutation; waiting writers block new readers.
+
+    Readers that were waiting when a write ends go before the next writer, so a mutation applied in
+    slices (add()) lets the searches queued behind each slice run between slices instead of after all.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._readers = 0
         self._writer = False
-        self._waiting = 0
+        self._waiting = 0  # writers
+        self._read_waiting = 0
+        self._owed = 0  # readers let in ahead of waiting writers when the last write ended
 
     @contextmanager
     def read(self) -> Iterator[None]:
         with self._cond:
-            while self._writer or self._waiting:
-                self._cond.wait()
+            if self._writer or self._waiting:
+                self._read_waiting += 1
+                while self._writer or (self._waiting and not self._owed):
+                    self._cond.wait()
+                self._read_waiting -= 1
+                self._owed = max(self._owed - 1, 0)
             self._readers += 1
         try:
             yield
@@ -83,7 +94,7 @@ class _RWLock:
     def write(self) -> Iterator[None]:
         with self._cond:
             self._waiting += 1
-            while self._writer or self._readers:
+            while self._writer or self._readers or self._owed:
                 self._cond.wait()
             self._waiting -= 1
             self._writer = True
@@ -92,6 +103,7 @@ class _RWLock:
         finally:
             with self._cond:
                 self._writer = False
+                self._owed = self._read_waiting
                 self._cond.notify_all()
 
 
@@ -296,27 +308,38 @@ class VectorIndex:
             finally:
                 faiss.cvar.distance_compute_blas_threshold = saved
 
-    def add(self, ids: Iterable[int] | np.ndarray, vecs: np.ndarray | torch.Tensor) -> None:
-        """Add vectors [N, D] under segment ids [N]; ids already present raise DuplicateIdError."""
+    def add(
+        self, ids: Iterable[int] | np.ndarray, vecs: np.ndarray | torch.Tensor, *, slice_size: int = ADD_SLICE
+    ) -> None:
+        """Add vectors [N, D] under segment ids [N]; ids already present raise DuplicateIdError.
+
+        The vectors go in ``slice_size`` at a time, each slice under the write lock on its own, so that
+        searches wait for one slice, not for the whole batch (an HNSW insert of 1,000 vectors takes a
+        quarter of a second); searches between slices see part of the batch. Building an index that
+        nothing searches yet, pass the whole batch: faiss adds large batches faster."""
         arr, x = _as_ids(ids), self._prepare(vecs, "vectors")
         if len(arr) != len(x):
             raise ValueError(f"got {len(arr)} ids for {len(x)} vectors")
-        new = np.unique(arr)
-        if len(new) != len(arr):
+        if len(np.unique(arr)) != len(arr):
             raise DuplicateIdError("the same id appears twice in one add() call")
-        with self._lock.write():
-            if self.needs_training:
-                raise TrainingError(
-                    f"factory {self.factory!r} must be trained before add(): call train(vecs)"
-                )
-            dup = arr[self.contains(arr) | np.isin(arr, self._tombstones)]
-            if len(dup):
-                raise DuplicateIdError(
-                    f"ids already in the index: {dup[:10].tolist()}; remove() them first (ids removed from an "
-                    "index that cannot delete, e.g. HNSW, stay reserved until the index is rebuilt)"
-                )
-            self._index.add_with_ids(x, arr)
-            self._live.add(new)  # O(batch): the write lock blocks searches meanwhile
+        step = max(slice_size, 1)
+        for start in range(0, max(len(arr), 1), step):
+            part = slice(start, start + step)
+            with self._lock.write():
+                # All ids checked with the first slice: a duplicate is refused before anything is added.
+                self._check_addable(arr if start == 0 else arr[part])
+                self._index.add_with_ids(x[part], arr[part])
+                self._live.add(arr[part])  # O(slice), not O(index)
+
+    def _check_addable(self, arr: np.ndarray) -> None:
+        if self.needs_training:
+            raise TrainingError(f"factory {self.factory!r} must be trained before add(): call train(vecs)")
+        dup = arr[self.contains(arr) | np.isin(arr, self._tombstones)]
+        if len(dup):
+            raise DuplicateIdError(
+                f"ids already in the index: {dup[:10].tolist()}; remove() them first (ids removed from an "
+                "index that cannot delete, e.g. HNSW, stay reserved until the index is rebuilt)"
+            )
 
     def remove(self, ids: Iterable[int] | np.ndarray) -> int:
         """Remove ids (absent ids are ignored); returns how many were removed."""
@@ -484,7 +507,7 @@ def build_index(
     index = VectorIndex(dim, factory, nprobe=nprobe, ef_search=ef_search, threads=threads)
     if index.needs_training:
         index.train(vecs)
-    index.add(ids, vecs)
+    index.add(ids, vecs, slice_size=len(vecs))
     return index
 
 
@@ -512,7 +535,7 @@ def build_index_from(
         index.train(read(sample)[1])
     for start in range(0, len(arr), chunk):
         found, vecs = read(arr[start : start + chunk])
-        index.add(found, vecs)
+        index.add(found, vecs, slice_size=len(found))
     return index
 
 

@@ -298,6 +298,29 @@ def test_concurrent_search_while_adding() -> None:
     assert index.ntotal == 1990
 
 
+def test_searches_run_between_the_slices_of_a_large_add() -> None:
+    db = _mixture(6000, 8)
+    index = build_index(D, "HNSW16", np.arange(1000), db[:1000])
+    seen: list[int] = []  # live sizes that searches observed while the add ran
+    adding = threading.Event()
+
+    def add() -> None:
+        adding.set()
+        index.add(np.arange(1000, 6000), db[1000:], slice_size=50)  # an HNSW insert: ~0.1 s or more
+
+    thread = threading.Thread(target=add)
+    thread.start()
+    adding.wait()
+    while thread.is_alive():
+        _, ids = index.search(db[:1], 5)
+        assert (ids >= 0).all()
+        seen.append(len(index))
+    thread.join()
+    assert len(index) == 6000
+    partial = [n for n in seen if 1000 < n < 6000]
+    assert len(set(partial)) >= 3, seen[:20]  # searches ran between slices, not only before or after
+
+
 @pytest.mark.skipif(hasattr(faiss, "StandardGpuResources"), reason="faiss has GPU support here")
 def test_to_gpu_without_gpu_support_keeps_the_cpu_index() -> None:
     index = build_index(D, "Flat", [1, 2], _mixture(2, 2))
