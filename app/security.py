@@ -7,7 +7,7 @@ import logging
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import ApiError, error_body
+from app.errors import error_body
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from indexer.vector_index import (
     SnapshotNotFoundError,
     TrainingError,
     VectorIndex,
-    build_index,
+    build_index_from,
 )
 from model.tokenbinder import TokenBinder
 
@@ -250,15 +250,15 @@ class LiveIndex:
                 # The seq first: changes after it are replayed on top, and replaying is idempotent.
                 seq = latest_seq(session)
                 ids = catalog.segment_ids_for_model(session, self.model_id)
-            kept, vecs = read_cls(self._store, ids)
-            if len(kept) < len(ids):
+            index = self._build(np.asarray(ids, dtype=np.int64))
+            if index.ntotal < len(ids):
                 logger.warning(
                     "%d segments of %s have no valid token record and are left out; "
                     "run `indexer verify --repair`",
-                    len(ids) - len(kept),
+                    len(ids) - index.ntotal,
                     self.model_id,
                 )
-            self._index, self._start_seq = self._build(kept, vecs), seq
+            self._index, self._start_seq = index, seq
 
     def _reload_below_horizon(self, horizon: int) -> int:
         """The feed was pruned past this index's position: take the snapshot on disk when it covers
@@ -269,17 +269,24 @@ class LiveIndex:
                 self.rebuilt = True
             return self._start_seq
 
-    def _build(self, ids: np.ndarray, vecs: np.ndarray) -> VectorIndex:
+    def _build(self, ids: np.ndarray) -> VectorIndex:
+        """An index over those of ``ids`` the token store holds: trained on a sample, filled in chunks."""
+        assert self._store is not None
         if not len(ids):
             try:
                 return self._place(VectorIndex(self.dim, self._wanted_factory))
             except ValueError:
                 return self._place(VectorIndex(self.dim, "Flat"))
+        store = self._store
+
+        def read(chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return read_cls(store, chunk)
+
         try:
-            return self._place(build_index(self.dim, self._wanted_factory, ids, vecs))
+            return self._place(build_index_from(self.dim, self._wanted_factory, ids, read))
         except TrainingError as e:
             logger.warning("%s; using an exact Flat index until the library is larger", e)
-            return self._place(build_index(self.dim, "Flat", ids, vecs))
+            return self._place(build_index_from(self.dim, "Flat", ids, read))
 
     def _place(self, index: VectorIndex) -> VectorIndex:
         """Apply the search knobs (to the factory they were given for) and move the index to its device."""
@@ -315,13 +322,8 @@ class LiveIndex:
                         self._index.add([i], v[None])
                     except DuplicateIdError:
                         pass
-            except TrainingError:
-                self._index = self._build(*self._merged(kept, vecs))
-
-    def _merged(self, ids: np.ndarray, vecs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        assert self._store is not None
-        old_ids, old_vecs = read_cls(self._store, self._index.ids())
-        return np.concatenate([old_ids, ids]), np.concatenate([old_vecs, vecs])
+            except TrainingError:  # enough segments now to train the factory asked for: build it
+                self._index = self._build(np.union1d(self._index.ids(), kept))
 
     def _apply_delete(self, ids: list[int]) -> None:
         with self._lock:

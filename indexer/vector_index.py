@@ -9,7 +9,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,15 +18,21 @@ import faiss
 import numpy as np
 import torch
 
+from indexer.id_set import SortedIdSet
 from indexer.paths import fsync_dir
 
 logger = logging.getLogger(__name__)
 
 SNAPSHOT_FORMAT = 1
 MIN_TRAIN_PER_CENTROID = 39  # below this faiss's k-means warns that centroids are poorly estimated
+TRAIN_PER_CENTROID = 256  # faiss's k-means samples down to this many points per centroid anyway
+MAX_TRAIN_SAMPLE = 131_072  # k-means time and the sample's float32 copy stay bounded on any library size
+BUILD_CHUNK = 65_536  # vectors read and added at a time when an index is built from a reader
+ADD_SLICE = 64  # vectors added per hold of the write lock: what a search waits for at most while adding
 _TORCH_BLOCK_ROWS = 65536  # database rows per matmul block in batched exact search
 _STALE_TMP_SECONDS = 3600
 _READ_ATTEMPTS = 5  # loads that raced a save in another process, read again
+_HASH_CHUNK = 1 << 20
 _GPU_MAX_K = 2048  # faiss GPU k-selection limit (GPU_MAX_SELECTION_K)
 _GPU_MAX_TOMBSTONES = 512  # deleted ids a GPU index filters after search before it is compacted
 
@@ -52,19 +58,29 @@ class TrainingError(VectorIndexError, ValueError):
 
 
 class _RWLock:
-    """Many concurrent searches, one exclusive mutation; waiting writers block new readers."""
+    """Many concurrent searches, one exclusive mutation; waiting writers block new readers.
+
+    Readers that were waiting when a write ends go before the next writer, so a mutation applied in
+    slices (add()) lets the searches queued behind each slice run between slices instead of after all.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._readers = 0
         self._writer = False
-        self._waiting = 0
+        self._waiting = 0  # writers
+        self._read_waiting = 0
+        self._owed = 0  # readers let in ahead of waiting writers when the last write ended
 
     @contextmanager
     def read(self) -> Iterator[None]:
         with self._cond:
-            while self._writer or self._waiting:
-                self._cond.wait()
+            if self._writer or self._waiting:
+                self._read_waiting += 1
+                while self._writer or (self._waiting and not self._owed):
+                    self._cond.wait()
+                self._read_waiting -= 1
+                self._owed = max(self._owed - 1, 0)
             self._readers += 1
         try:
             yield
@@ -78,7 +94,7 @@ class _RWLock:
     def write(self) -> Iterator[None]:
         with self._cond:
             self._waiting += 1
-            while self._writer or self._readers:
+            while self._writer or self._readers or self._owed:
                 self._cond.wait()
             self._waiting -= 1
             self._writer = True
@@ -87,6 +103,7 @@ class _RWLock:
         finally:
             with self._cond:
                 self._writer = False
+                self._owed = self._read_waiting
                 self._cond.notify_all()
 
 
@@ -159,7 +176,7 @@ class VectorIndex:
         self._threads = 1
         all_ids = faiss.vector_to_array(index.id_map).astype(np.int64)
         self._tombstones = np.unique(tombstones)
-        self._live = np.setdiff1d(all_ids, self._tombstones)
+        self._live = SortedIdSet(np.setdiff1d(all_ids, self._tombstones))
         self._params: Any = None
         self._selector: Any = None
         self._refresh_params()
@@ -228,13 +245,11 @@ class VectorIndex:
 
     def ids(self) -> np.ndarray:
         """Sorted int64 array of live ids."""
-        return self._live.copy()
+        return self._live.to_array()
 
     def contains(self, ids: Iterable[int] | np.ndarray) -> np.ndarray:
         """bool [N]: which ids are live in the index."""
-        arr, live = _as_ids(ids), self._live
-        pos = np.searchsorted(live, arr)
-        return (pos < len(live)) & (live[np.minimum(pos, len(live) - 1)] == arr) if len(live) else arr < -1
+        return self._live.contains(_as_ids(ids))
 
     def __contains__(self, segment_id: object) -> bool:
         return isinstance(segment_id, int | np.integer) and bool(self.contains([int(segment_id)])[0])
@@ -251,15 +266,33 @@ class VectorIndex:
         return x
 
     # --- mutation ------------------------------------------------------------------------------------
-    def train(self, vecs: np.ndarray | torch.Tensor) -> None:
-        """Train IVF/PQ quantizers from stored CLS vectors; a no-op for factories that need no training."""
+    def _centroids(self) -> int:
+        base = self._index.index
+        ivf = faiss.try_extract_index_ivf(base)
+        return max(ivf.nlist if ivf is not None else 1, _pq_centroids(base))
+
+    @property
+    def train_sample_size(self) -> int:
+        """The most vectors train() uses (a random sample of more): 256 per centroid of the largest
+        quantizer, at most MAX_TRAIN_SAMPLE but never under the 39 per centroid k-means needs; 0 when the
+        factory needs no training."""
+        if not self.needs_training:
+            return 0
+        centroids = self._centroids()
+        return max(MIN_TRAIN_PER_CENTROID * centroids, min(TRAIN_PER_CENTROID * centroids, MAX_TRAIN_SAMPLE))
+
+    def train(self, vecs: np.ndarray | torch.Tensor, *, seed: int = 0) -> None:
+        """Train IVF/PQ quantizers from stored CLS vectors (a random sample of ``train_sample_size`` of them
+        when there are more); a no-op for factories that need no training."""
+        sample = self.train_sample_size
+        if sample and len(vecs) > sample:
+            rows = np.sort(np.random.default_rng(seed).choice(len(vecs), sample, replace=False))
+            vecs = vecs[rows]
         x = self._prepare(vecs, "training vectors")
         with self._lock.write():
             if not self.needs_training:
                 return
-            base = self._index.index
-            ivf = faiss.try_extract_index_ivf(base)
-            centroids = max(ivf.nlist if ivf is not None else 1, _pq_centroids(base))
+            centroids = self._centroids()
             need = MIN_TRAIN_PER_CENTROID * centroids if centroids > 1 else 1
             if len(x) < need:
                 raise TrainingError(
@@ -275,28 +308,38 @@ class VectorIndex:
             finally:
                 faiss.cvar.distance_compute_blas_threshold = saved
 
-    def add(self, ids: Iterable[int] | np.ndarray, vecs: np.ndarray | torch.Tensor) -> None:
-        """Add vectors [N, D] under segment ids [N]; ids already present raise DuplicateIdError."""
+    def add(
+        self, ids: Iterable[int] | np.ndarray, vecs: np.ndarray | torch.Tensor, *, slice_size: int = ADD_SLICE
+    ) -> None:
+        """Add vectors [N, D] under segment ids [N]; ids already present raise DuplicateIdError.
+
+        The vectors go in ``slice_size`` at a time, each slice under the write lock on its own, so that
+        searches wait for one slice, not for the whole batch (an HNSW insert of 1,000 vectors takes a
+        quarter of a second); searches between slices see part of the batch. Building an index that
+        nothing searches yet, pass the whole batch: faiss adds large batches faster."""
         arr, x = _as_ids(ids), self._prepare(vecs, "vectors")
         if len(arr) != len(x):
             raise ValueError(f"got {len(arr)} ids for {len(x)} vectors")
-        new = np.unique(arr)
-        if len(new) != len(arr):
+        if len(np.unique(arr)) != len(arr):
             raise DuplicateIdError("the same id appears twice in one add() call")
-        with self._lock.write():
-            if self.needs_training:
-                raise TrainingError(
-                    f"factory {self.factory!r} must be trained before add(): call train(vecs)"
-                )
-            dup = arr[self.contains(arr) | np.isin(arr, self._tombstones)]
-            if len(dup):
-                raise DuplicateIdError(
-                    f"ids already in the index: {dup[:10].tolist()}; remove() them first (ids removed from an "
-                    "index that cannot delete, e.g. HNSW, stay reserved until the index is rebuilt)"
-                )
-            self._index.add_with_ids(x, arr)
-            # O(N) merge instead of a re-sort: the write lock blocks searches meanwhile.
-            self._live = np.insert(self._live, np.searchsorted(self._live, new), new)
+        step = max(slice_size, 1)
+        for start in range(0, max(len(arr), 1), step):
+            part = slice(start, start + step)
+            with self._lock.write():
+                # All ids checked with the first slice: a duplicate is refused before anything is added.
+                self._check_addable(arr if start == 0 else arr[part])
+                self._index.add_with_ids(x[part], arr[part])
+                self._live.add(arr[part])  # O(slice), not O(index)
+
+    def _check_addable(self, arr: np.ndarray) -> None:
+        if self.needs_training:
+            raise TrainingError(f"factory {self.factory!r} must be trained before add(): call train(vecs)")
+        dup = arr[self.contains(arr) | np.isin(arr, self._tombstones)]
+        if len(dup):
+            raise DuplicateIdError(
+                f"ids already in the index: {dup[:10].tolist()}; remove() them first (ids removed from an "
+                "index that cannot delete, e.g. HNSW, stay reserved until the index is rebuilt)"
+            )
 
     def remove(self, ids: Iterable[int] | np.ndarray) -> int:
         """Remove ids (absent ids are ignored); returns how many were removed."""
@@ -311,7 +354,7 @@ class VectorIndex:
                 self._tombstones = np.union1d(self._tombstones, gone)
                 if self._gpu_res is not None and len(self._tombstones) > _GPU_MAX_TOMBSTONES:
                     self._compact_gpu()
-            self._live = np.delete(self._live, np.searchsorted(self._live, gone))
+            self._live.discard(gone)
             self._refresh_params()
             return len(gone)
 
@@ -430,13 +473,7 @@ class VectorIndex:
         """Load a snapshot written by save(); raises CorruptSnapshotError if it does not verify.
         nprobe/ef_search default to the values saved in the manifest."""
         path = Path(path)
-        manifest, data = _read_verified(path)
-        try:
-            index = faiss.deserialize_index(data)
-        except RuntimeError as e:
-            raise CorruptSnapshotError(
-                f"{path} does not deserialize ({e}); rebuild it from the token store"
-            ) from e
+        manifest, index = _read_verified(path)
         tombstones = np.asarray(manifest.get("tombstones", []), np.int64)
         if (
             not isinstance(index, faiss.IndexIDMap2)
@@ -470,7 +507,35 @@ def build_index(
     index = VectorIndex(dim, factory, nprobe=nprobe, ef_search=ef_search, threads=threads)
     if index.needs_training:
         index.train(vecs)
-    index.add(ids, vecs)
+    index.add(ids, vecs, slice_size=len(vecs))
+    return index
+
+
+VectorReader = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def build_index_from(
+    dim: int,
+    factory: str,
+    ids: Iterable[int] | np.ndarray,
+    read: VectorReader,
+    *,
+    chunk: int = BUILD_CHUNK,
+    seed: int = 0,
+) -> VectorIndex:
+    """A new index over ``ids``, whose vectors ``read(ids) -> (ids found, vectors)`` supplies: trained on a
+    random sample of ``train_sample_size`` ids, then filled ``chunk`` ids at a time, so that no more than
+    the index and one chunk are in RAM (never every vector as float32 just to train). Ids ``read`` does
+    not return are left out."""
+    arr = _as_ids(ids)
+    index = VectorIndex(dim, factory)
+    if index.needs_training:
+        size = min(len(arr), index.train_sample_size)
+        sample = np.sort(np.random.default_rng(seed).choice(arr, size, replace=False))
+        index.train(read(sample)[1])
+    for start in range(0, len(arr), chunk):
+        found, vecs = read(arr[start : start + chunk])
+        index.add(found, vecs, slice_size=len(found))
     return index
 
 
@@ -593,8 +658,8 @@ def _identity(path: Path) -> tuple[tuple[int, int, int] | None, ...]:
     return tuple(out)
 
 
-def _read_verified(path: Path) -> tuple[dict[str, Any], np.ndarray]:
-    """(manifest, index bytes) whose sha256 agree, retried when another process's save replaced the files
+def _read_verified(path: Path) -> tuple[dict[str, Any], Any]:
+    """(manifest, index) whose sha256 agree, retried when another process's save replaced the files
     while they were being read (the index and the manifest then come from two different saves)."""
     for attempt in range(_READ_ATTEMPTS):
         before = _identity(path)
@@ -609,16 +674,46 @@ def _read_verified(path: Path) -> tuple[dict[str, Any], np.ndarray]:
     raise AssertionError("unreachable")
 
 
-def _read_verified_once(path: Path) -> tuple[dict[str, Any], np.ndarray]:
-    """(manifest, index bytes) whose sha256 agree; the pending manifest of an interrupted save counts."""
+def _sha256_file(path: Path) -> str:
+    """The file's sha256, streamed: the bytes pass through the page cache, not the process's heap."""
+    digest, buf = hashlib.sha256(), bytearray(_HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while size := f.readinto(buf):
+            digest.update(view[:size])
+    return digest.hexdigest()
+
+
+def _read_verified_once(path: Path) -> tuple[dict[str, Any], Any]:
+    """(manifest, index) whose sha256 agree; the pending manifest of an interrupted save counts.
+
+    The file is hashed by streaming it, then faiss reads it from the file: one copy of the index in RAM,
+    not the file's bytes and the index built from them. Saves replace the file by rename, never in place,
+    so the same (inode, mtime, size) before the hash and after the read means faiss read the bytes hashed.
+    """
     manifest_path = _manifest_path(path)
     if not path.exists() and not manifest_path.exists():
         raise SnapshotNotFoundError(f"no index snapshot at {path}; build the index from the token store")
+    before = _identity(path)[0]
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        digest = _sha256_file(path)
     except OSError as e:
         raise CorruptSnapshotError(f"cannot read {path} ({e}); rebuild it from the token store") from e
-    digest = hashlib.sha256(data.data).hexdigest()
+    manifest = _matching_manifest(path, digest)
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as e:
+        raise CorruptSnapshotError(
+            f"{path} does not deserialize ({e}); rebuild it from the token store"
+        ) from e
+    if _identity(path)[0] != before:
+        raise CorruptSnapshotError(f"{path} was replaced while it was read")
+    return manifest, index
+
+
+def _matching_manifest(path: Path, digest: str) -> dict[str, Any]:
+    """The manifest whose sha256 is ``digest``: the committed one, else an interrupted save's pending one."""
+    manifest_path = _manifest_path(path)
     candidates = [manifest_path, *sorted(path.parent.glob(f"{manifest_path.name}.tmp-*"))]
     for candidate in candidates:
         try:
@@ -634,7 +729,7 @@ def _read_verified_once(path: Path) -> tuple[dict[str, Any], np.ndarray]:
                 )
             if candidate != manifest_path:
                 logger.warning("using %s: the save that wrote %s was interrupted", candidate, path)
-            return manifest, data
+            return manifest
     raise CorruptSnapshotError(
         f"{path} is truncated, corrupt or has no matching manifest ({manifest_path}); rebuild it from the token store"
     )

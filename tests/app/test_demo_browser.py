@@ -62,7 +62,9 @@ def notes_server() -> Iterator[str]:
 
 
 @pytest.mark.parametrize("private", [False, True], ids=["open", "private"])
-def test_upload_search_and_play_in_a_browser(serve, new_database, clips, tmp_path, api, private, notes_server):
+def test_upload_search_and_play_in_a_browser(
+    serve, new_database, clips, tmp_path, api, private, notes_server
+):
     chromium = _chromium()
     sync_api = pytest.importorskip("playwright.sync_api")
     trained = (REPO / DEMO_MODEL_DIR).is_dir()
@@ -74,7 +76,9 @@ def test_upload_search_and_play_in_a_browser(serve, new_database, clips, tmp_pat
     artifacts = Path(os.environ.get("TVS_TEST_ARTIFACTS", tmp_path))
     artifacts.mkdir(parents=True, exist_ok=True)
     key = {"api_key": KEY} if private else {}
-    with serve(tmp_path / "data", new_database("sqlite"), model=model, allow_private_urls=True, **key) as base:
+    with serve(
+        tmp_path / "data", new_database("sqlite"), model=model, allow_private_urls=True, **key
+    ) as base:
         if trained:
             # With a trained model the clip must beat its look-alike siblings; a random one cannot.
             for other in (c for c in family if c is not target):
@@ -122,7 +126,9 @@ def test_upload_search_and_play_in_a_browser(serve, new_database, clips, tmp_pat
             sync_api.expect(cards.first).to_be_visible(timeout=20_000)
             sync_api.expect(cards.first.locator(".card-title")).to_have_text(target["caption"])
             # The model's own cut-off applies: the page says "No good match" exactly when the API does.
-            answer = httpx.post(f"{base}/search", json={"query": target["caption"], "limit": 12}, headers=AUTH).json()
+            answer = httpx.post(
+                f"{base}/search", json={"query": target["caption"], "limit": 12}, headers=AUTH
+            ).json()
             no_match = page.locator("#no-match")
             if answer["no_good_match"]:
                 sync_api.expect(no_match).to_be_visible()
@@ -196,7 +202,10 @@ def test_upload_search_and_play_in_a_browser(serve, new_database, clips, tmp_pat
             before = page.locator("#library li").count()
             mine.get_by_role("button", name="Delete").click()
             sync_api.expect(page.locator("#library li")).to_have_count(before - 1, timeout=10_000)
-            assert httpx.get(f"{base}/videos/{_video_id(base, target['caption'])}", headers=AUTH).status_code == 404
+            assert (
+                httpx.get(f"{base}/videos/{_video_id(base, target['caption'])}", headers=AUTH).status_code
+                == 404
+            )
             browser.close()
     assert shot.stat().st_size > 10_000
     if private:  # the refused requests before the key was given, and the wrong key, are expected

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import tracemalloc
 from pathlib import Path
 
 import faiss
@@ -18,6 +19,7 @@ from indexer.vector_index import (
     TrainingError,
     VectorIndex,
     build_index,
+    build_index_from,
 )
 
 D = 32
@@ -135,6 +137,56 @@ def test_training_with_too_few_vectors_suggests_flat() -> None:
         VectorIndex(D, "NoSuchIndex")
 
 
+def test_training_reads_a_bounded_sample_and_adding_reads_in_chunks() -> None:
+    n, dim = 6000, 16
+    db = _mixture(n, 64, dim=dim)
+    assert VectorIndex(dim, "IVF8,Flat").train_sample_size == 256 * 8  # 256 per list < the 6000 vectors
+    assert VectorIndex(dim, "Flat").train_sample_size == 0
+    asked: list[np.ndarray] = []
+
+    def read(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        asked.append(ids)
+        found = ids[ids % 7 != 3]  # a reader may not have every id (a freed token record)
+        return found, db[found]
+
+    index = build_index_from(dim, "IVF8,Flat", np.arange(n), read, chunk=1000)
+    train, *chunks = asked
+    assert len(train) == len(np.unique(train)) == 2048  # training saw the sample, not all 6000
+    assert all(len(c) <= 1000 for c in chunks)
+    np.testing.assert_array_equal(np.concatenate(chunks), np.arange(n))
+    kept = np.arange(n)[np.arange(n) % 7 != 3]
+    np.testing.assert_array_equal(index.ids(), kept)
+    index.set_search_params(nprobe=8)  # every list: exact
+    queries = _mixture(20, 64, dim=dim, seed=1)
+    np.testing.assert_array_equal(index.search(queries, 10)[1], _exact(db[kept], kept, queries, 10)[1])
+
+
+def test_train_samples_down_to_the_sample_size() -> None:
+    big, small = VectorIndex(D, "IVF4,Flat"), VectorIndex(D, "IVF4,Flat")
+    db = _mixture(3000, 8)
+    assert big.train_sample_size == 1024
+    big.train(db)  # 3000 vectors: a sample of 1024 of them is trained on
+    rows = np.sort(np.random.default_rng(0).choice(3000, 1024, replace=False))
+    small.train(db[rows])
+    big.add(np.arange(3000), db)
+    small.add(np.arange(3000), db)
+    np.testing.assert_array_equal(big.search(db[:50], 5)[1], small.search(db[:50], 5)[1])
+
+
+def test_loading_a_snapshot_holds_no_second_copy_of_the_file(tmp_path: Path) -> None:
+    n = 50_000  # a 6.8 MB file
+    path = tmp_path / "index.faiss"
+    build_index(D, "Flat", np.arange(n), _mixture(n, 8)).save(path, {"model_id": "m", "last_seq": 1})
+    tracemalloc.start()  # numpy's buffers are traced (faiss's own are not): the file read into one was
+    try:
+        loaded, _ = VectorIndex.load(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert loaded.ntotal == n
+    assert peak < 0.5 * path.stat().st_size, (peak, path.stat().st_size)
+
+
 def test_snapshot_round_trip(tmp_path: Path) -> None:
     db = _mixture(1000, 16)
     index = build_index(D, "HNSW16", np.arange(1000) + 10, db, ef_search=48)
@@ -244,6 +296,29 @@ def test_concurrent_search_while_adding() -> None:
         t.join()
     assert not errors
     assert index.ntotal == 1990
+
+
+def test_searches_run_between_the_slices_of_a_large_add() -> None:
+    db = _mixture(6000, 8)
+    index = build_index(D, "HNSW16", np.arange(1000), db[:1000])
+    seen: list[int] = []  # live sizes that searches observed while the add ran
+    adding = threading.Event()
+
+    def add() -> None:
+        adding.set()
+        index.add(np.arange(1000, 6000), db[1000:], slice_size=50)  # an HNSW insert: ~0.1 s or more
+
+    thread = threading.Thread(target=add)
+    thread.start()
+    adding.wait()
+    while thread.is_alive():
+        _, ids = index.search(db[:1], 5)
+        assert (ids >= 0).all()
+        seen.append(len(index))
+    thread.join()
+    assert len(index) == 6000
+    partial = [n for n in seen if 1000 < n < 6000]
+    assert len(set(partial)) >= 3, seen[:20]  # searches ran between slices, not only before or after
 
 
 @pytest.mark.skipif(hasattr(faiss, "StandardGpuResources"), reason="faiss has GPU support here")
