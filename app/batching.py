@@ -11,13 +11,15 @@ from typing import Generic, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
+from app.errors import AppError
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-class BatcherClosedError(RuntimeError):
+class BatcherClosedError(AppError, RuntimeError):
     """The batcher was stopped (the service is shutting down) before the request ran."""
 
 

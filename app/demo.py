@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from app.errors import AppError, UserError
 from app.routes.demo import EXAMPLES_FILE
 from app.settings import DEMO_MODEL_DIR, Settings
 
@@ -36,7 +37,7 @@ DEMO_EXAMPLES = 4
 EXAMPLE_KINDS = ("colour", "shape", "background")
 
 
-class DemoError(RuntimeError):
+class DemoError(AppError, UserError, RuntimeError):
     """The demo cannot be prepared (missing model, failed files); the message says what to do."""
 
 

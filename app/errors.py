@@ -9,6 +9,8 @@ from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from model.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 # code -> (HTTP status, when). docs/errors.md is this table; tests/app/test_errors.py keeps them equal.
@@ -47,11 +49,21 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "service_starting": (503, "the model and the index are still loading"),
     "service_stopping": (503, "the service is shutting down"),
     "database_unavailable": (503, "the catalog database cannot be reached; retry after Retry-After seconds"),
+    "invalid_input": (422, "input or setup the service cannot use; `detail` says why and what to do"),
     "http_error": (400, "any other HTTP error (the status says which)"),
     "internal_error": (500, "a bug: the log line with the same request id (X-Request-ID) has the traceback"),
 }
 # A Starlette/FastAPI HTTPException raised without a code (unknown route, wrong method, other modules).
 _BY_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+
+
+class AppError(Exception):
+    """Every error the app layer raises on purpose derives from this (user errors also from UserError)."""
+
+
+def user_error(error: UserError) -> ApiError:
+    """The HTTP answer to any layer's UserError: its own code (and so its status), its own message."""
+    return ApiError(error.code, str(error))
 
 
 class ApiError(HTTPException):

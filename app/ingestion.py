@@ -11,6 +11,7 @@ from fastapi import Request
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from app.errors import AppError, UserError
 from app.schemas import MAX_TITLE_CHARS, IngestSourceIn
 from app.uploads import BadUploadError, ReceivedFile, UploadTooLargeError, parse_meta, receive_multipart
 from indexer import jobs
@@ -26,16 +27,22 @@ MAX_JSON_BYTES = 64 * 1024
 MULTIPART_OVERHEAD = 256 * 1024  # boundaries, part headers and the small text fields
 
 
-class PathRefusedError(Exception):
+class PathRefusedError(AppError, UserError):
     """A server path outside every allowed root (after resolving `..` and symlinks), or path ingestion is off."""
 
+    code = "path_refused"
 
-class SourceNotFoundError(Exception):
+
+class SourceNotFoundError(AppError, UserError):
     """A server path inside an allowed root that is not an existing regular file."""
 
+    code = "source_not_found"
 
-class BadSourceError(ValueError):
+
+class BadSourceError(AppError, UserError, ValueError):
     """A server path that cannot be a file name at all (relative, NUL bytes)."""
+
+    code = "bad_source"
 
 
 @dataclass(frozen=True)
@@ -126,8 +133,10 @@ def resolve_allowed_path(raw: str, roots: tuple[Path, ...]) -> Path:
     return real
 
 
-class UnsupportedBodyError(ValueError):
+class UnsupportedBodyError(AppError, UserError, ValueError):
     """POST /videos got a body that is neither multipart/form-data nor JSON."""
+
+    code = "unsupported_media_type"
 
 
 async def ingest_request(

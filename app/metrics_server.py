@@ -16,12 +16,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from app.errors import AppError, UserError
+
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 10.0
 
 
-class MetricsServerError(RuntimeError):
+class MetricsServerError(AppError, UserError, RuntimeError):
     """The metrics port could not be bound or served."""
 
 

@@ -9,14 +9,18 @@ import json
 import logging
 from typing import Any
 
+from app.errors import AppError, UserError
+
 logger = logging.getLogger(__name__)
 
 MAX_RESULT_DEPTH = 1000  # paging stops at this many results: deeper ones are not worth ranking
 TOKEN_VERSION = 1
 
 
-class PageTokenError(ValueError):
+class PageTokenError(AppError, UserError, ValueError):
     """A page_token this service did not issue, issued for another search, or past the depth limit."""
+
+    code = "bad_page_token"
 
 
 def search_digest(fields: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
+from app.errors import AppError, UserError
 from indexer.receive import FileSink, ReceivedFile, UploadTooLargeError, display_name, incoming_path
 
 __all__ = ["BadUploadError", "ReceivedFile", "UploadTooLargeError", "receive_multipart", "parse_meta"]
@@ -23,8 +24,10 @@ FILE_FIELD = "file"
 TEXT_FIELDS = ("title", "meta")
 
 
-class BadUploadError(ValueError):
+class BadUploadError(AppError, UserError, ValueError):
     """The multipart body is malformed or does not hold what POST /videos expects."""
+
+    code = "bad_upload"
 
 
 class _MultipartReceiver:

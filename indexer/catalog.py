@@ -30,6 +30,7 @@ from sqlalchemy.ext.mutable import MutableDict
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
 
 from indexer.db import UTCDateTime, utcnow
+from indexer.errors import IndexerError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -189,15 +190,15 @@ class IdAllocator(Base):
     next_id: Mapped[int] = mapped_column(BigInteger)
 
 
-class VideoNotAvailableError(RuntimeError):
+class VideoNotAvailableError(IndexerError, RuntimeError):
     """Segments were offered for a video that does not exist or was deleted meanwhile."""
 
 
-class IdAllocationError(RuntimeError):
+class IdAllocationError(IndexerError, RuntimeError):
     """Segment ids cannot be allocated in the session's current state."""
 
 
-class ModelMismatchError(ValueError):
+class ModelMismatchError(IndexerError, UserError, ValueError):
     """A model id is already registered with different dimensions."""
 
 

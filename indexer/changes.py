@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from indexer.catalog import Change, FeedHorizon
 from indexer.db import utcnow
+from indexer.errors import IndexerError
 from model.openmp import release_openmp_threads
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class _Row(NamedTuple):
     op: str
 
 
-class FeedPrunedError(RuntimeError):
+class FeedPrunedError(IndexerError, RuntimeError):
     """The feed was pruned past a follower's position and it has no way to reload its index."""
 
 

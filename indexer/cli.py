@@ -20,7 +20,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from indexer import catalog
-from indexer.db import DatabaseNotMigratedError, make_engine, make_session_factory, session_scope
+from indexer.db import make_engine, make_session_factory, session_scope
+from indexer.errors import IndexerError, UserError
 from indexer.feed_compaction import DEFAULT_RETENTION_S, RETENTION_ENV, retention_from_env
 from indexer.log_setup import configure_logging
 from indexer.paths import DataDir
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 _SERVICE_COMMANDS = {"worker"}
 
 
-class UsageError(Exception):
+class UsageError(IndexerError, UserError):
     """A problem with the command's input or setup; printed without a traceback (exit 2)."""
 
 
@@ -636,35 +637,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         data.ensure()
         return int(args.fn(env))
-    except Exception as e:
-        if not isinstance(e, _expected_errors()):
-            raise
+    except UserError as e:  # any layer's: a problem the user can fix, shown as its message, not a traceback
+        print(f"indexer {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
+    except FileNotFoundError as e:  # the OS's own user error: a path given on the command line
         print(f"indexer {args.command}: {e}", file=sys.stderr)
         return 2
-
-
-def _expected_errors() -> tuple[type[Exception], ...]:
-    """Errors that describe a setup or input problem: shown as a message, not a traceback."""
-    from indexer.index_device import IndexDeviceError
-    from indexer.ingest import IngestError
-    from indexer.live_index import IndexConfigError, IndexMismatchError
-    from indexer.ray_engine import RayUnavailableError
-    from indexer.token_store import StoreLayoutError
-    from indexer.verify import UnknownModelError
-    from model.checkpoint import CheckpointError
-    from model.config import UnknownPresetError
-
-    return (
-        UsageError,
-        DatabaseNotMigratedError,
-        FileNotFoundError,
-        IngestError,
-        IndexMismatchError,
-        IndexConfigError,
-        IndexDeviceError,
-        StoreLayoutError,
-        RayUnavailableError,
-        UnknownModelError,
-        CheckpointError,
-        UnknownPresetError,
-    )

@@ -13,6 +13,8 @@ from sqlalchemy import DateTime, Dialect, Engine, TypeDecorator, create_engine, 
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from indexer.errors import IndexerError, UserError
+
 logger = logging.getLogger(__name__)
 
 # How long a SQLite connection waits for another writer before raising "database is locked".
@@ -47,7 +49,7 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
-class DatabaseNotMigratedError(RuntimeError):
+class DatabaseNotMigratedError(IndexerError, UserError, RuntimeError):
     """The database schema is missing or not at the revision this code expects."""
 
 

@@ -6,6 +6,7 @@ import logging
 import re
 from dataclasses import dataclass
 
+from indexer.errors import IndexerError, UserError
 from indexer.vector_index import gpu_unavailable_reason
 
 logger = logging.getLogger(__name__)
@@ -13,7 +14,7 @@ logger = logging.getLogger(__name__)
 _SPEC = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
-class IndexDeviceError(ValueError):
+class IndexDeviceError(IndexerError, UserError, ValueError):
     """The index device asked for is malformed, or is a GPU that faiss cannot use here."""
 
 

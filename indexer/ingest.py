@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from indexer import catalog, jobs
 from indexer.catalog import Change, Job, Segment, Video
 from indexer.db import session_scope
+from indexer.errors import IndexerError, UserError
 from indexer.paths import SIDECAR_EXTENSIONS, VIDEO_EXTENSIONS, DataDir, fsync_dir
 from indexer.token_store import TokenStore
 from model.video.formats import EMPTY, sniff_file
@@ -30,11 +31,13 @@ StoreMode = Literal["copy", "move", "in_place"]
 _CHUNK = 1 << 20
 
 
-class IngestError(Exception):
+class IngestError(IndexerError, UserError):
     """A file cannot be taken in (missing, not a regular file, unreadable)."""
 
+    code = "not_a_video"
 
-class JobGoneError(RuntimeError):
+
+class JobGoneError(IndexerError, RuntimeError):
     """The job a download belongs to was cancelled (or taken over) before its video was registered."""
 
 

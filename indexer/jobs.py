@@ -12,6 +12,7 @@ from sqlalchemy.sql import ColumnElement
 
 from indexer.catalog import JOB_KINDS, JOB_STATES, Job, Video, job_counts
 from indexer.db import utcnow
+from indexer.errors import IndexerError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +30,10 @@ def backoff_delay(attempts: int, base_s: float = BACKOFF_BASE_S, cap_s: float = 
     return timedelta(seconds=min(cap_s, base_s * 2 ** max(0, attempts - 1)))
 
 
-class JobStateError(ValueError):
+class JobStateError(IndexerError, UserError, ValueError):
     """The job is in a state that does not allow what was asked (retry a running job, cancel a finished one)."""
+
+    code = "job_state_conflict"
 
 
 def enqueue(

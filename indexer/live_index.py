@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from indexer import catalog
 from indexer.changes import ChangeFollower, FeedLag, latest_seq
 from indexer.db import session_scope
+from indexer.errors import IndexerError, UserError
 from indexer.feed_compaction import prune_model, retention_from_env
 from indexer.index_device import resolve_index_device
 from indexer.paths import DataDir
@@ -39,11 +40,11 @@ _READ_CHUNK = 4096
 DEFAULT_RERANK = 40
 
 
-class IndexMismatchError(RuntimeError):
+class IndexMismatchError(IndexerError, UserError, RuntimeError):
     """The loaded model is not the one the catalog's index belongs to."""
 
 
-class IndexConfigError(ValueError):
+class IndexConfigError(IndexerError, UserError, ValueError):
     """The index settings do not fit together (a knob for another index type, a malformed factory)."""
 
 

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from indexer import catalog
 from indexer.catalog import NewSegment, VideoNotAvailableError
 from indexer.db import session_scope
+from indexer.errors import IndexerError
 from indexer.ingest import delete_segments, release_pending
 from indexer.paths import DataDir
 from indexer.token_store import TokenStore
@@ -32,11 +33,11 @@ from model.video import SegmentFrames, VideoDecodeError, VideoInfo
 logger = logging.getLogger(__name__)
 
 
-class NoFramesError(Exception):
+class NoFramesError(IndexerError):
     """A video probed fine but gave no decodable frames."""
 
 
-class TaskCancelledError(Exception):
+class TaskCancelledError(IndexerError):
     """The task's job was cancelled; the pipeline dropped it between stages and committed nothing."""
 
 

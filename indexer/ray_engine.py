@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
+from indexer.errors import IndexerError, UserError
 from indexer.paths import DataDir
 from indexer.pipeline import EncodedSegment, NoFramesError, PipelineConfig, TaskResult, VideoTask, Writer
 from indexer.token_store import TokenStore
@@ -24,11 +25,11 @@ _INFO_FIELDS = ("duration_s", "fps", "num_frames", "width", "height")
 _ERROR_FIELDS = ("error_type", "error", "error_path", "error_reason")
 
 
-class RayUnavailableError(RuntimeError):
+class RayUnavailableError(IndexerError, UserError, RuntimeError):
     """Ray (with Ray Data) is not installed in this environment."""
 
 
-class RemoteStageError(RuntimeError):
+class RemoteStageError(IndexerError, RuntimeError):
     """A decode or encode step failed on a Ray worker; the message names the worker's exception."""
 
 

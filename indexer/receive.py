@@ -9,13 +9,16 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
+from indexer.errors import IndexerError, UserError
 from indexer.paths import VIDEO_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 
 
-class UploadTooLargeError(Exception):
+class UploadTooLargeError(IndexerError, UserError):
     """The body passed the configured size cap."""
+
+    code = "upload_too_large"
 
     def __init__(self, limit: int) -> None:
         self.limit = limit

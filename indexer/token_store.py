@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from indexer.errors import IndexerError, UserError
 from indexer.paths import fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
 
-class TokenStoreError(Exception):
+class TokenStoreError(IndexerError):
     """Base class for token store errors."""
 
 
@@ -50,7 +51,7 @@ class MissingRecordError(TokenStoreError, LookupError):
         )
 
 
-class StoreLayoutError(TokenStoreError):
+class StoreLayoutError(TokenStoreError, UserError):
     """A shard file does not match the store's layout (T, D, records per shard, format)."""
 
 

@@ -16,6 +16,7 @@ from urllib.parse import unquote, urljoin
 import anyio
 import httpx
 
+from indexer.errors import IndexerError, UserError
 from indexer.receive import FileSink, ReceivedFile, UploadTooLargeError, display_name, incoming_path
 
 logger = logging.getLogger(__name__)
@@ -25,19 +26,23 @@ Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
 BytesHook = Callable[[int, int | None], None]  # (bytes so far, total when the server said it)
 
 
-class UrlRefusedError(Exception):
+class UrlRefusedError(IndexerError, UserError):
     """The URL is not allowed: another scheme, or a host on a loopback/private/link-local/reserved address."""
 
+    code = "url_refused"
 
-class UrlFetchError(Exception):
+
+class UrlFetchError(IndexerError, UserError):
     """The download failed: unreachable, timed out, an HTTP error status, or too many redirects."""
+
+    code = "url_fetch_failed"
 
     def __init__(self, message: str, *, retryable: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable  # a timeout or a 5xx may pass; a 404 or a redirect loop will not
 
 
-class DownloadCancelledError(Exception):
+class DownloadCancelledError(IndexerError):
     """The job was cancelled while its file was downloading."""
 
 

@@ -18,6 +18,7 @@ import faiss
 import numpy as np
 import torch
 
+from indexer.errors import IndexerError
 from indexer.id_set import SortedIdSet
 from indexer.paths import fsync_dir
 
@@ -37,7 +38,7 @@ _GPU_MAX_K = 2048  # faiss GPU k-selection limit (GPU_MAX_SELECTION_K)
 _GPU_MAX_TOMBSTONES = 512  # deleted ids a GPU index filters after search before it is compacted
 
 
-class VectorIndexError(Exception):
+class VectorIndexError(IndexerError):
     """Base class for vector index errors."""
 
 

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from indexer import catalog, jobs
 from indexer.catalog import Job, Segment, Video
 from indexer.db import session_scope
+from indexer.errors import IndexerError, UserError
 from indexer.ingest import release_pending
 from indexer.live_index import save_snapshot
 from indexer.paths import DataDir
@@ -30,7 +31,7 @@ _OPEN_STATES = ("queued", *jobs.ACTIVE_STATES)
 STRAY_GRACE_S = 3600.0
 
 
-class UnknownModelError(LookupError):
+class UnknownModelError(IndexerError, UserError, LookupError):
     """The model to verify is not registered in the catalog."""
 
 

@@ -19,6 +19,7 @@ from indexer import catalog, jobs
 from indexer.catalog import Job
 from indexer.db import session_scope, utcnow
 from indexer.downloads import Download, download_job
+from indexer.errors import IndexerError
 from indexer.failures import failure_reason
 from indexer.live_index import IndexMismatchError, register_model
 from indexer.paths import DataDir
@@ -43,7 +44,7 @@ DEFAULT_MAX_DOWNLOAD_BYTES = 2 * 1024**3
 _CLAIM_BACKOFF_MAX_S = 10.0
 
 
-class LostLeaseError(RuntimeError):
+class LostLeaseError(IndexerError, RuntimeError):
     """Another worker took the job over (this one's lease expired); its work is not committed."""
 
 

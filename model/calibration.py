@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from model.errors import ModelError, UserError
+
 logger = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "calibration.json"
@@ -27,7 +29,7 @@ METHOD = (
 )
 
 
-class CalibrationError(ValueError):
+class CalibrationError(ModelError, UserError, ValueError):
     """A calibration file that cannot be read, or a calibration that cannot be computed."""
 
 

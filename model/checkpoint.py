@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from model.config import PRESETS, TokenBinderConfig, UnknownPresetError, preset_config
+from model.errors import ModelError, UserError
 from model.tokenbinder import TokenBinder
 
 logger = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ WEIGHTS_FILE = "model.safetensors"
 _INIT_SEED = 0  # random-weight presets are seeded so every process builds the same model (same model id)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ModelError, UserError, RuntimeError):
     """A checkpoint directory is missing a file or holds something unreadable."""
 
 

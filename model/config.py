@@ -8,6 +8,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from model.errors import ModelError, UserError
+
 logger = logging.getLogger(__name__)
 
 CONFIG_VERSION = 2  # 2: focus_head (version 1 configs had the slot head only)
@@ -28,7 +30,7 @@ _SMALL_CLIP = {
 }
 
 
-class UnknownPresetError(ValueError):
+class UnknownPresetError(ModelError, UserError, ValueError):
     """A model spec names no preset, no checkpoint directory and no open_clip architecture."""
 
 

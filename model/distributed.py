@@ -12,6 +12,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from model.errors import ModelError, UserError
 from model.tokenbinder import TokenBinder
 
 logger = logging.getLogger(__name__)
@@ -19,7 +20,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class DistributedSetupError(RuntimeError):
+class DistributedSetupError(ModelError, UserError, RuntimeError):
     """The torchrun environment is incomplete or the process group cannot be formed."""
 
 

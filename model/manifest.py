@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model.errors import ModelError, UserError
+
 logger = logging.getLogger(__name__)
 
 # (resolved video path, start, end): one decoded clip, shared by every caption that points at it.
 ClipKey = tuple[str, "float | None", "float | None"]
 
 
-class ManifestError(ValueError):
+class ManifestError(ModelError, UserError, ValueError):
     """A manifest line or an annotation file is malformed, or names a video that does not exist."""
 
 

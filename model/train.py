@@ -25,6 +25,7 @@ from model.calibration import CALIBRATION_FILE, DEFAULT_PRECISION, write_calibra
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.data import ClipSet, FrameCache, UniqueVideoBatchSampler, default_cache_dir, prepare_clips
 from model.distributed import DistContext, barrier, shard, wrap_model
+from model.errors import ModelError, UserError
 from model.evaluate import evaluate_clips
 from model.tokenbinder import TokenBinder
 
@@ -48,7 +49,7 @@ _RESUME_KEYS = (
 )
 
 
-class ResumeError(RuntimeError):
+class ResumeError(ModelError, UserError, RuntimeError):
     """An output folder's saved state cannot be continued with the given settings."""
 
 

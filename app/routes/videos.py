@@ -23,19 +23,12 @@ from app.deps import (
     SettingsDep,
     WriteAccess,
 )
-from app.errors import ApiError
+from app.errors import ApiError, UserError, user_error
 from app.ingestion import (
-    BadSourceError,
-    PathRefusedError,
     QueuedDownload,
-    SourceNotFoundError,
-    UnsupportedBodyError,
     ingest_request,
 )
 from app.schemas import IngestResponse, IngestSourceIn, Problem, VideoDetail, VideosPublic
-from app.uploads import BadUploadError, UploadTooLargeError
-from indexer.ingest import IngestError
-from indexer.url_fetch import UrlFetchError, UrlRefusedError
 
 logger = logging.getLogger(__name__)
 
@@ -44,18 +37,6 @@ router = APIRouter(tags=["library"])
 MAX_ID = 2**63 - 1
 IdParam = Annotated[int, Path(ge=1, le=MAX_ID)]
 
-# Domain errors of ingestion -> error code (app.errors, which gives the status); the message is the exception's own.
-_INGEST_ERRORS: list[tuple[type[Exception], str]] = [
-    (UploadTooLargeError, "upload_too_large"),
-    (UnsupportedBodyError, "unsupported_media_type"),
-    (PathRefusedError, "path_refused"),
-    (UrlRefusedError, "url_refused"),
-    (SourceNotFoundError, "source_not_found"),
-    (UrlFetchError, "url_fetch_failed"),
-    (BadUploadError, "bad_upload"),
-    (BadSourceError, "bad_source"),
-    (IngestError, "not_a_video"),
-]
 
 _MULTIPART_SCHEMA = {
     "type": "object",
@@ -126,8 +107,8 @@ async def add_video(
     except ValidationError as e:
         metrics.uploads.labels(source=kind, outcome="invalid").inc()
         raise RequestValidationError(e.errors(include_url=False), body=None) from e
-    except tuple(exc for exc, _ in _INGEST_ERRORS) as e:
-        error = ApiError(next(code for exc, code in _INGEST_ERRORS if isinstance(e, exc)), str(e))
+    except UserError as e:  # every layer's: each carries its code (and so its status) and its message
+        error = user_error(e)
         metrics.uploads.labels(source=kind, outcome=str(error.status_code)).inc()
         raise error from e
     if isinstance(result, QueuedDownload):

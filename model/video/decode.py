@@ -8,6 +8,7 @@ from pathlib import Path
 
 import av
 
+from model.errors import ModelError
 from model.video.formats import HEAD_BYTES, sniff
 
 logger = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ IMAGE_FORMATS = {"image2", "image2pipe"}
 TEXT_ART_FORMATS = {"bin", "tty", "adf", "idf", "xbin"}
 
 
-class VideoDecodeError(Exception):
+class VideoDecodeError(ModelError):
     """A file that cannot be used as a video; `.reason` is one of the class constants below."""
 
     MISSING = "missing"
