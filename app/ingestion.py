@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from app.schemas import MAX_TITLE_CHARS, IngestSourceIn
 from app.uploads import BadUploadError, ReceivedFile, UploadTooLargeError, parse_meta, receive_multipart
 from app.url_fetch import UrlFetcher
-from indexer.ingest import IngestResult, ingest_file
+from indexer.ingest import IngestResult, SegmentDeleter, ingest_file
 from indexer.ingest import delete_video as indexer_delete_video
 from indexer.paths import DataDir
 
@@ -44,6 +44,7 @@ class Ingestor:
     data: DataDir
     model_id: str
     allowed_roots: tuple[Path, ...]
+    sink: SegmentDeleter | None = None  # the vector database, when TVS_VECTOR_BACKEND=milvus
 
     def from_received(
         self, received: ReceivedFile, *, title: str | None, meta: dict[str, Any] | None, source: str
@@ -79,7 +80,7 @@ class Ingestor:
         )
 
     def delete(self, video_id: int) -> list[int] | None:
-        return indexer_delete_video(self.session_factory, self.data, video_id)
+        return indexer_delete_video(self.session_factory, self.data, video_id, sink=self.sink)
 
 
 def resolve_allowed_path(raw: str, roots: tuple[Path, ...]) -> Path:

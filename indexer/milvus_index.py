@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import threading
 import time
@@ -17,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -38,6 +40,7 @@ PK, VIDEO, START, END, CREATED, DURATION, CLS, TOKENS = (
 _SEARCH_KEYS = {"nprobe", "ef", "itopk_size", "search_width", "search_list", "radius", "range_filter"}
 _TOKEN_CACHE = 4096  # tokens of recent hits, by id (ids are never reused, so an entry never goes stale)
 _GET_CHUNK = 256
+_SIZE_TTL_S = 1.0
 
 
 class MilvusUnavailableError(RuntimeError):
@@ -81,6 +84,21 @@ class MilvusConfig:
     @property
     def is_lite(self) -> bool:
         return not re.match(r"^(https?|tcp|unix):", self.uri)
+
+
+def config_from_env(data_dir: Path, uri: str | None = None) -> MilvusConfig:
+    """The CLI's MilvusConfig, from the variables app.settings reads: TVS_MILVUS_URI (default
+    <data_dir>/milvus.db), TVS_MILVUS_TOKEN, TVS_MILVUS_INDEX, TVS_MILVUS_PREFIX, TVS_MILVUS_TIMEOUT_S."""
+    kind, build, search = parse_index_spec(os.environ.get("TVS_MILVUS_INDEX") or "FLAT")
+    return MilvusConfig(
+        uri=uri or os.environ.get("TVS_MILVUS_URI") or str(data_dir / "milvus.db"),
+        token=os.environ.get("TVS_MILVUS_TOKEN", ""),
+        index_type=kind,
+        index_params=build,
+        search_params=search,
+        prefix=os.environ.get("TVS_MILVUS_PREFIX") or "tvs",
+        timeout_s=float(os.environ.get("TVS_MILVUS_TIMEOUT_S") or 10.0),
+    )
 
 
 def parse_index_spec(spec: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -172,6 +190,7 @@ class MilvusIndex:
         self._client: Any = None
         self._lock = threading.Lock()
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._size = (0, 0.0)  # (count, monotonic time it was read)
 
     # --- lifecycle --------------------------------------------------------------------------------------
     def open(self, *, create: bool = True) -> MilvusIndex:
@@ -272,19 +291,42 @@ class MilvusIndex:
             for n, r in enumerate(rows)
         ]
         self._call(lambda c: c.upsert(self.name, data, timeout=self.config.timeout_s))
+        self._size = (0, 0.0)
 
     def delete(self, ids: Iterable[int]) -> None:
         ids = [int(i) for i in ids]
         if ids:
             self._call(lambda c: c.delete(self.name, ids=ids, timeout=self.config.timeout_s))
+            self._size = (0, 0.0)
+
+    # --- what /health and /metrics describe ---------------------------------------------------------------
+    @property
+    def factory(self) -> str:
+        return f"milvus:{self.config.index_type}"
+
+    @property
+    def device(self) -> str:
+        return "milvus"
+
+    device_reason = ""
+    rerank = 0
+
+    def search_settings(self) -> dict[str, int | None]:
+        params = self.config.search_params
+        return {"nprobe": params.get("nprobe"), "ef_search": params.get("ef"), "rerank": 0}
 
     # --- reads ------------------------------------------------------------------------------------------
     @property
     def size(self) -> int:
+        """Rows in the collection; a non-zero count is reused for a moment (every search batch asks)."""
+        now = time.monotonic()
+        if self._size[0] and now - self._size[1] < _SIZE_TTL_S:
+            return self._size[0]
         rows = self._call(
             lambda c: c.query(self.name, filter="", output_fields=["count(*)"], timeout=self.config.timeout_s)
         )
-        return int(rows[0]["count(*)"]) if rows else 0
+        self._size = (int(rows[0]["count(*)"]) if rows else 0, now)
+        return self._size[0]
 
     def ids(self) -> np.ndarray:
         """Every segment id in the collection (for verify)."""

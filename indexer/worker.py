@@ -20,8 +20,9 @@ from indexer import catalog, jobs
 from indexer.catalog import Job
 from indexer.db import session_scope, utcnow
 from indexer.live_index import IndexMismatchError, register_model
+from indexer.milvus_index import MilvusUnavailableError
 from indexer.paths import DataDir
-from indexer.pipeline import Encoder, PipelineConfig, TaskResult, VideoTask, Writer, run_pipeline
+from indexer.pipeline import Encoder, PipelineConfig, TaskResult, VectorSink, VideoTask, Writer, run_pipeline
 from indexer.token_store import TokenStore
 from model.tokenbinder import TokenBinder
 
@@ -35,6 +36,7 @@ _DISK_FULL = {
     errno.EFBIG: "hit a file-size limit",
 }
 _READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
+_OUTAGE_RETRY = timedelta(seconds=2)  # while the vector database is down, a job is tried again this often
 
 
 def failure_reason(error: BaseException) -> str:
@@ -77,6 +79,7 @@ class Worker:
         config: PipelineConfig | None = None,
         on_result: Callable[[TaskResult], None] | None = None,
         require_active: bool = True,
+        sink: VectorSink | None = None,
     ) -> None:
         self.factory, self.data, self.model = session_factory, data, model
         self.worker_id = worker_id or default_worker_id()
@@ -87,7 +90,13 @@ class Worker:
         self.store = TokenStore(data.tokens_dir(self.model_id), cfg.num_frames, cfg.embed_dim)
         self.encoder = Encoder(model)
         self.writer = Writer(
-            session_factory, data, self.model_id, self.store, on_commit=self._complete, jpeg_quality=85
+            session_factory,
+            data,
+            self.model_id,
+            self.store,
+            on_commit=self._complete,
+            jpeg_quality=85,
+            sink=sink,
         )
         self._observer = on_result
         self._inflight: dict[int, tuple[str, float]] = {}  # job id -> (state, monotonic time) last written
@@ -274,7 +283,12 @@ class Worker:
         task = result.task
         with self._lock:
             self._inflight.pop(task.job_id or -1, None)
-        if not result.ok and task.job_id is not None and not isinstance(result.error, LostLeaseError):
+        if isinstance(result.error, MilvusUnavailableError) and task.job_id is not None:
+            with session_scope(self.factory) as session:
+                jobs.postpone(
+                    session, task.job_id, str(result.error), _OUTAGE_RETRY, worker_id=self.worker_id
+                )
+        elif not result.ok and task.job_id is not None and not isinstance(result.error, LostLeaseError):
             reason = failure_reason(result.error) if result.error is not None else "unknown error"
             with session_scope(self.factory) as session:
                 job = jobs.fail(session, task.job_id, reason, result.retryable, worker_id=self.worker_id)
