@@ -24,7 +24,7 @@ from indexer.db import session_scope
 from indexer.ingest import IngestError, StoreMode, ingest_file, scan
 from indexer.live_index import register_model, save_snapshot
 from indexer.paths import DataDir
-from indexer.pipeline import PipelineConfig, TaskResult, VideoTask
+from indexer.pipeline import PipelineConfig, TaskResult, VectorSink, VideoTask
 from indexer.worker import Worker
 from model import video
 from model.openmp import release_openmp_threads
@@ -84,6 +84,7 @@ def add_paths(
     on_start: Callable[[int], None] | None = None,
     on_skip: Callable[[], None] | None = None,
     on_result: Callable[[TaskResult], None] | None = None,
+    sink: VectorSink | None = None,
 ) -> BulkReport:
     """Ingest files (folders, globs) and index them in this process; re-running after a crash completes the run.
 
@@ -97,7 +98,7 @@ def add_paths(
     if on_start is not None:
         on_start(len(found.found))
     # A short poll: the worker starts before the first job is queued and must not idle a second.
-    worker = Worker(session_factory, data, model, poll_s=0.1, config=config, on_result=on_result)
+    worker = Worker(session_factory, data, model, poll_s=0.1, config=config, on_result=on_result, sink=sink)
     job_ids: list[int] = []
     by_video: dict[int, Path] = {}
     hashed = threading.Event()
