@@ -254,9 +254,12 @@ class HealthModel(BaseModel):
 class HealthIndex(BaseModel):
     size: int
     type: str = Field(
-        description="the FAISS factory in use (Flat while a library is too small to train another)"
+        description="the FAISS factory in use (Flat while a library is too small to train another), or "
+        "milvus:TYPE with TVS_VECTOR_BACKEND=milvus"
     )
-    device: str = Field(description='where the index lives: "cpu" or "cuda:N" (TVS_INDEX_DEVICE)')
+    device: str = Field(
+        description='where the index lives: "cpu" or "cuda:N" (TVS_INDEX_DEVICE), or "milvus"'
+    )
     device_reason: str | None = Field(description="why the index is on the CPU; null on a GPU")
     nprobe: int | None = Field(description="IVF lists scanned per search; null for other index types")
     ef_search: int | None = Field(description="HNSW candidate pool; null for other index types")
@@ -264,7 +267,7 @@ class HealthIndex(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok", "starting", "database unreachable"]
+    status: Literal["ok", "starting", "database unreachable", "vector database unreachable"]
     ready: bool
     model: HealthModel | None
     index: HealthIndex | None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
@@ -12,6 +12,7 @@ from app.schemas import HealthIndex, HealthModel, HealthResponse
 from app.services import Services
 from app.settings import Settings
 from indexer import catalog
+from indexer.milvus_index import MilvusUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +28,19 @@ def health(services: Services | None, settings: Settings) -> HealthResponse:
         return HealthResponse(status="starting", ready=False, model=None, index=None, **common)
     reachable = database_reachable(services)
     cfg = services.model.config
+    try:
+        index: HealthIndex | None = index_health(services)
+    except MilvusUnavailableError as e:
+        logger.warning("health: %s", e)
+        index = None
+    status: Literal["ok", "database unreachable", "vector database unreachable"] = "ok"
+    if not reachable:
+        status = "database unreachable"
+    elif index is None:
+        status = "vector database unreachable"
     return HealthResponse(
-        status="ok" if reachable else "database unreachable",
-        ready=reachable,
+        status=status,
+        ready=reachable and index is not None,
         model=HealthModel(
             id=services.model.model_id,
             device=services.device,
@@ -38,7 +49,7 @@ def health(services: Services | None, settings: Settings) -> HealthResponse:
             num_frames=cfg.num_frames,
             dim=cfg.embed_dim,
         ),
-        index=index_health(services),
+        index=index,
         **common,
     )
 
@@ -55,6 +66,17 @@ def index_health(services: Services) -> HealthIndex:
         ef_search=knobs["ef_search"],
         rerank=index.rerank,
     )
+
+
+def index_size(services: Services | None) -> int:
+    """Segments in the index for /metrics; 0 (logged) while the vector database cannot be reached."""
+    if services is None:
+        return 0
+    try:
+        return services.index.size
+    except MilvusUnavailableError as e:
+        logger.warning("metrics: index size unavailable: %s", e)
+        return 0
 
 
 def database_reachable(services: Services) -> bool:

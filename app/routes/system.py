@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from app.deps import MetricsDep, SettingsDep
 from app.schemas import HealthResponse
 from app.services import Services
-from app.system_status import health, jobs_by_state
+from app.system_status import health, index_size, jobs_by_state
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def get_health(request: Request, response: Response, settings: SettingsDep) -> H
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 async def get_metrics(request: Request, metrics: MetricsDep) -> Response:
     services: Services | None = getattr(request.app.state, "services", None)
-    size = services.index.size if services is not None else 0
+    size = await run_in_threadpool(index_size, services)
     info = (services.index.device, services.index.factory) if services is not None else None
     jobs = await run_in_threadpool(jobs_by_state, services)
     return Response(metrics.render(size, jobs, info), media_type=CONTENT_TYPE_LATEST)

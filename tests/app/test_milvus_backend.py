@@ -27,6 +27,9 @@ def test_milvus_outage_gives_503_and_jobs_wait_for_it(tmp_path, db_url, launch, 
         r = api.search(client)
         assert r.status_code == 503, r.text
         assert "vector database cannot be reached" in r.json()["detail"]
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "vector database unreachable"
+        assert client.get("/metrics").status_code == 200
         upload = api.upload(client, clips[1]["path"])
         assert upload.status_code == 202, upload.text
         job_id, second = upload.json()["job_id"], upload.json()["video_id"]
