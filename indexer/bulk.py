@@ -23,6 +23,7 @@ from indexer.catalog import Job, Segment, Video
 from indexer.db import session_scope
 from indexer.ingest import IngestError, StoreMode, ingest_file, scan
 from indexer.live_index import register_model, save_snapshot
+from indexer.milvus_index import MilvusIndex
 from indexer.paths import DataDir
 from indexer.pipeline import PipelineConfig, TaskResult, VectorSink, VideoTask
 from indexer.worker import Worker
@@ -214,17 +215,22 @@ def reindex(
     on_start: Callable[[int], None] | None = None,
     on_result: Callable[[TaskResult], None] | None = None,
     engine: EngineFactory | None = None,
+    milvus: MilvusIndex | None = None,
 ) -> BulkReport:
     """Index the library with `model` (videos lacking its segments, or all); then make it the active model.
 
     A new model's segments and tokens form a generation beside the live one; the switch is one
     transaction, taken only when every video is in the new generation. Re-running resumes.
     `engine` makes what runs the videos (default: a Worker in this process; `indexer.ray_engine` for a
-    Ray cluster); it gets (session_factory, data, model, config=, on_result=).
+    Ray cluster); it gets (session_factory, data, model, config=, on_result=). With `milvus` (the new
+    model's collection) the local worker fills it, and its alias moves to it at the switch.
     """
     started = time.monotonic()
     active = register_model(session_factory, model, require_active=False)
-    worker = (engine or _local_engine)(session_factory, data, model, config=config, on_result=on_result)
+    extra: dict[str, Any] = {"sink": milvus} if milvus is not None else {}
+    worker = (engine or _local_engine)(
+        session_factory, data, model, config=config, on_result=on_result, **extra
+    )
     report = BulkReport()
     seen: dict[int, str] = {}
     try:
@@ -246,7 +252,10 @@ def reindex(
         with session_scope(session_factory) as session:
             if not _reindex_candidates(session, model.model_id, missing_only=True):
                 report.switched = catalog.activate_model(session, model.model_id) is not None
-    save_snapshot(data, session_factory, model.model_id)
+    if milvus is None:
+        save_snapshot(data, session_factory, model.model_id)
+    elif report.switched:
+        milvus.point_alias()  # for readers outside the service; the catalog's switch is the one that counts
     report.seconds = time.monotonic() - started
     return report
 

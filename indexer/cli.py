@@ -249,6 +249,14 @@ def cmd_reindex(env: Env) -> int:
         import_ray()  # before loading the model: a missing extra is reported at once
         engine = ray_engine(RayOptions(a.address, a.encoders))
     factory, model, bar = env.sessions(), env.model(), Progress(env, "reindexing")
+    milvus = None
+    if a.backend == "milvus":
+        if engine is not None:
+            raise UsageError("--engine ray does not write to Milvus yet: reindex locally, or on FAISS")
+        from indexer.live_index import register_model
+
+        register_model(factory, model, require_active=False)
+        milvus = env.milvus(factory, model.model_id)
     try:
         report = reindex(
             factory,
@@ -259,6 +267,7 @@ def cmd_reindex(env: Env) -> int:
             on_start=bar.start,
             on_result=bar.result,
             engine=engine,
+            milvus=milvus,
         )
     finally:
         bar.close()

@@ -81,10 +81,6 @@ class MilvusConfig:
     prefix: str = "tvs"
     timeout_s: float = 10.0
 
-    @property
-    def is_lite(self) -> bool:
-        return not re.match(r"^(https?|tcp|unix):", self.uri)
-
 
 def config_from_env(data_dir: Path, uri: str | None = None) -> MilvusConfig:
     """The CLI's MilvusConfig, from the variables app.settings reads: TVS_MILVUS_URI (default
@@ -249,6 +245,50 @@ class MilvusIndex:
             timeout=self.config.timeout_s,
         )
         logger.info("created Milvus collection %s for model %s", self.name, self.model_id)
+
+    @property
+    def alias(self) -> str:
+        """`<prefix>_active`: the collection of the catalog's active model, for readers outside the service."""
+        return f"{re.sub(r'[^A-Za-z0-9_]', '_', self.config.prefix)}_active"
+
+    def point_alias(self) -> bool:
+        """Point the alias at this collection (after a reindex switched the active model to it); False where
+        the server has no aliases (Milvus Lite 2.5). The service never reads through the alias: it opens
+        the active model's collection by name, so the catalog's switch is the one that counts."""
+
+        def switch(client: Any) -> bool:
+            try:
+                client.describe_alias(self.alias, timeout=self.config.timeout_s)
+                exists = True
+            except Exception as e:
+                if "UNIMPLEMENTED" in str(e):
+                    return False
+                exists = False
+            if exists:
+                client.alter_alias(self.name, self.alias, timeout=self.config.timeout_s)
+            else:
+                client.create_alias(self.name, self.alias, timeout=self.config.timeout_s)
+            return True
+
+        done = bool(self._call(switch))
+        if not done:
+            logger.warning(
+                "Milvus at %s has no collection aliases; %s is not aliased", self.config.uri, self.name
+            )
+        return done
+
+    def aliased(self) -> str | None:
+        """The collection the alias points at, or None."""
+
+        def describe(client: Any) -> str | None:
+            try:
+                return str(
+                    client.describe_alias(self.alias, timeout=self.config.timeout_s)["collection_name"]
+                )
+            except Exception:
+                return None
+
+        return self._call(describe)  # type: ignore[no-any-return]
 
     def drop(self) -> None:
         """Drop the collection (rebuild starts from nothing)."""

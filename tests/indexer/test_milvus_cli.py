@@ -136,3 +136,27 @@ def test_rebuild_index_backend_milvus_moves_a_faiss_library_into_milvus(
             np.testing.assert_array_equal(milvus.tokens(segments), store.get_tokens(segments))
     code, report = _run(["verify", *base, "--backend", "milvus", "--milvus-uri", milvus_uri, "--json"])
     assert code == 0 and report["index_missing"] == [] and report["index_extra"] == []
+
+
+def test_reindex_on_milvus_fills_the_new_collection_and_moves_the_alias(
+    tmp_path: Path, library: Path, milvus_uri: str, milvus_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from model.checkpoint import load_model, save_checkpoint
+
+    monkeypatch.setenv("TVS_MILVUS_PREFIX", milvus_prefix)
+    data = DataDir(tmp_path / "data")
+    base = ["--data-dir", str(data.root), "--backend", "milvus", "--milvus-uri", milvus_uri]
+    assert main(["add", *base, "--model", "tiny", str(library)]) == 0
+    old_id, old_segments, dims = _state(data)
+    other = save_checkpoint(load_model("tiny"), tmp_path / "ckpt")
+    code, report = _run(["reindex", *base, "--model", str(other), "--json"])
+    assert code == 0 and report["switched"] and report["indexed"] == 2
+    new_id, new_segments, _ = _state(data)
+    assert new_id != old_id and len(new_segments) == 2
+    with _collection(data, milvus_uri, new_id, dims) as new:
+        assert new.ids().tolist() == new_segments
+        # Milvus Lite 2.5 has no aliases; a server (TVS_TEST_MILVUS_URI) must point the alias at the new one.
+        assert new.aliased() == (new.name if new.point_alias() else None)
+    with _collection(data, milvus_uri, old_id, dims) as old:
+        assert old.ids().tolist() == old_segments, "the old generation is left as it was"
+    assert _run(["verify", *base, "--model", str(other), "--json"])[0] == 0
