@@ -50,3 +50,16 @@ def test_milvus_outage_gives_503_and_jobs_wait_for_it(tmp_path, db_url, launch, 
         milvus.enter_context(lite_server(folder, port))  # back, on the same data
         assert api.wait_job(client, job_id)["state"] == "ready"
         api.wait_searchable(client, {first, second})
+
+
+def test_a_bad_milvus_index_setting_is_refused_with_the_expected_form(tmp_path):
+    from pydantic import ValidationError
+
+    from app.settings import Settings
+
+    with pytest.raises(ValidationError, match=r"TVS_MILVUS_INDEX='ivf flat': expected an index type"):
+        Settings(data_dir=tmp_path, milvus_index="ivf flat")
+    config = Settings(data_dir=tmp_path, vector_backend="milvus", milvus_index="IVF_FLAT:nlist=64,nprobe=8")
+    milvus = config.milvus_config()
+    assert (milvus.uri, milvus.index_type) == (str(tmp_path / "milvus.db"), "IVF_FLAT")
+    assert (milvus.index_params, milvus.search_params) == ({"nlist": 64}, {"nprobe": 8})
