@@ -64,6 +64,8 @@ class Searcher:
     creation date outside the range), and if too few survive asks again for 4x more, up to the whole
     index. So a filter that keeps a small fraction of a large library costs extra FAISS calls for that
     query only; FAISS never sees the filter, which keeps every index type (Flat, IVF, HNSW) usable.
+    An index that takes filters itself (Milvus: `filters_pushdown`) gets each query's filter instead and
+    is asked for k, not 8k; the catalog join still drops what the catalog does not have as live.
     """
 
     def __init__(
