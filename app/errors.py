@@ -48,6 +48,10 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "url_fetch_failed": (502, "POST /videos {url}: the URL could not be fetched"),
     "service_starting": (503, "the model and the index are still loading"),
     "service_stopping": (503, "the service is shutting down"),
+    "vector_database_unavailable": (
+        503,
+        "TVS_VECTOR_BACKEND=milvus and Milvus cannot be reached; retry shortly",
+    ),
     "database_unavailable": (503, "the catalog database cannot be reached; retry after Retry-After seconds"),
     "invalid_input": (422, "input or setup the service cannot use; `detail` says why and what to do"),
     "http_error": (400, "any other HTTP error (the status says which)"),

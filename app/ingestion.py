@@ -16,7 +16,7 @@ from app.schemas import MAX_TITLE_CHARS, IngestSourceIn
 from app.uploads import BadUploadError, ReceivedFile, UploadTooLargeError, parse_meta, receive_multipart
 from indexer import jobs
 from indexer.db import session_scope
-from indexer.ingest import IngestResult, ingest_file
+from indexer.ingest import IngestResult, SegmentDeleter, ingest_file
 from indexer.ingest import delete_video as indexer_delete_video
 from indexer.paths import DataDir
 from indexer.url_fetch import UrlFetcher
@@ -60,6 +60,7 @@ class Ingestor:
     data: DataDir
     model_id: str
     allowed_roots: tuple[Path, ...]
+    sink: SegmentDeleter | None = None  # the vector database, when TVS_VECTOR_BACKEND=milvus
 
     def from_received(
         self, received: ReceivedFile, *, title: str | None, meta: dict[str, Any] | None, source: str
@@ -101,7 +102,7 @@ class Ingestor:
             return QueuedDownload(job.id)
 
     def delete(self, video_id: int) -> list[int] | None:
-        return indexer_delete_video(self.session_factory, self.data, video_id)
+        return indexer_delete_video(self.session_factory, self.data, video_id, sink=self.sink)
 
 
 def resolve_allowed_path(raw: str, roots: tuple[Path, ...]) -> Path:

@@ -338,9 +338,12 @@ class HealthModel(BaseModel):
 class HealthIndex(BaseModel):
     size: int
     type: str = Field(
-        description="the FAISS factory in use (Flat while a library is too small to train another)"
+        description="the FAISS factory in use (Flat while a library is too small to train another), or "
+        "milvus:TYPE with TVS_VECTOR_BACKEND=milvus"
     )
-    device: str = Field(description='where the index lives: "cpu" or "cuda:N" (TVS_INDEX_DEVICE)')
+    device: str = Field(
+        description='where the index lives: "cpu" or "cuda:N" (TVS_INDEX_DEVICE), or "milvus"'
+    )
     device_reason: str | None = Field(description="why the index is on the CPU; null on a GPU")
     nprobe: int | None = Field(description="IVF lists scanned per search; null for other index types")
     ef_search: int | None = Field(description="HNSW candidate pool; null for other index types")
@@ -355,7 +358,13 @@ class HealthFeed(BaseModel):
     max_lag_seconds: float = Field(description="above this lag the replica is not ready (TVS_MAX_FEED_LAG_S)")
 
 
-HealthStatus = Literal["ok", "starting", "database unreachable", "catching up with the change feed"]
+HealthStatus = Literal[
+    "ok",
+    "starting",
+    "database unreachable",
+    "vector database unreachable",
+    "catching up with the change feed",
+]
 
 
 class HealthResponse(BaseModel):

@@ -44,6 +44,11 @@ class SegmentIndex(Protocol):
     def tokens(self, ids: Sequence[int] | np.ndarray) -> np.ndarray: ...
 
 
+def _pushes_filters_down(index: SegmentIndex) -> bool:
+    # indexer.milvus_index.MilvusIndex: search(queries, k, filters) applies them inside the database.
+    return bool(getattr(index, "filters_pushdown", False))
+
+
 @dataclass
 class _Pending:
     query: SearchQuery
@@ -62,6 +67,8 @@ class Searcher:
     creation date outside the range), and if too few survive asks again for 4x more, up to the whole
     index. So a filter that keeps a small fraction of a large library costs extra FAISS calls for that
     query only; FAISS never sees the filter, which keeps every index type (Flat, IVF, HNSW) usable.
+    An index that takes filters itself (Milvus: `filters_pushdown`) gets each query's filter instead and
+    is asked for k, not 8k; the catalog join still drops what the catalog does not have as live.
     """
 
     def __init__(
@@ -155,15 +162,16 @@ class Searcher:
 
     def _broad(self, pending: list[_Pending], i1: np.ndarray, size: int, timings: dict[str, float]) -> None:
         fetch = []
+        pushdown = _pushes_filters_down(self.index)
         for p in pending:
             n = self._need(p.query)
-            if p.query.filter.active:
+            if p.query.filter.active and not pushdown:
                 n *= _FILTER_OVERFETCH
             if p.query.group_by == "video":
                 n *= _GROUP_OVERFETCH
             fetch.append(min(size, n))
         t = time.perf_counter()
-        scores, ids = self.index.search(i1, max(fetch))
+        scores, ids = self._search(i1, max(fetch), pending, pushdown)
         timings["faiss"] += _ms(t)
         rows = list(range(len(pending)))
         while rows:
@@ -188,7 +196,7 @@ class Searcher:
             t = time.perf_counter()
             for r in retry:
                 fetch[r] = min(size, fetch[r] * 4)
-                s, i = self.index.search(i1[r : r + 1], fetch[r])
+                s, i = self._search(i1[r : r + 1], fetch[r], pending[r : r + 1], pushdown)
                 if s.shape[1] > scores.shape[1]:
                     pad = s.shape[1] - scores.shape[1]
                     scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
@@ -196,6 +204,14 @@ class Searcher:
                 scores[r, : s.shape[1]], ids[r, : s.shape[1]] = s[0], i[0]
             timings["faiss"] += _ms(t)
             rows = retry
+
+    def _search(
+        self, i1: np.ndarray, k: int, pending: list[_Pending], pushdown: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if not pushdown:
+            return self.index.search(i1, k)
+        filters = [p.query.filter if p.query.filter.active else None for p in pending]
+        return self.index.search(i1, k, filters)  # type: ignore[call-arg]
 
     def _read_tokens(self, ids: list[int]) -> tuple[np.ndarray, set[int]]:
         try:

@@ -16,6 +16,7 @@ from app.searcher import Searcher
 from app.settings import Settings
 from indexer.db import make_engine, make_session_factory
 from indexer.live_index import LiveIndex
+from indexer.milvus_index import MilvusIndex
 from indexer.paths import DataDir
 from indexer.schema import ensure_schema
 from indexer.url_fetch import UrlFetcher
@@ -35,7 +36,7 @@ class Services:
     session_factory: sessionmaker[Session]
     data: DataDir
     model: TokenBinder
-    index: LiveIndex
+    index: LiveIndex | MilvusIndex
     searcher: Searcher
     ingestor: Ingestor
     fetcher: UrlFetcher
@@ -55,8 +56,9 @@ class Services:
         if self.worker is not None:
             self.worker.close()
         try:
-            if self.index.last_seq > self.opened_seq or self.index.rebuilt:
-                self.index.snapshot()  # a cache for the next start-up (replacing a damaged one); never required
+            index = self.index
+            if isinstance(index, LiveIndex) and (index.last_seq > self.opened_seq or index.rebuilt):
+                index.snapshot()  # a cache for the next start-up (replacing a damaged one); never required
         except OSError as e:
             logger.warning("could not save the index snapshot on shutdown: %s", e)
         self.index.close()
@@ -81,23 +83,9 @@ def open_services(settings: Settings, metrics: Metrics) -> Services:
             torch.set_num_threads(settings.torch_threads)
         model = prepare_for_inference(load_model(settings.model), settings.device, settings.precision)
         register_model(factory, model, require_active=True)
-        cfg = model.config
-        index = LiveIndex(
-            data,
-            factory,
-            model.model_id,
-            cfg.embed_dim,
-            cfg.num_frames,
-            factory=settings.index_factory,
-            follow_interval_s=settings.follow_interval_s,
-            nprobe=settings.index_nprobe,
-            ef_search=settings.index_ef_search,
-            rerank=settings.index_rerank,
-            device=settings.index_device,
-            catch_up_s=settings.feed_catch_up_s,
-            feed_retention_s=settings.feed_retention_s,
-        ).open()
+        index = open_index(settings, data, factory, model)
         opened.append(index)
+        sink = index if isinstance(index, MilvusIndex) else None
         fetcher = UrlFetcher(
             allow_private=settings.allow_private_urls,
             timeout_s=settings.url_timeout_s,
@@ -107,7 +95,7 @@ def open_services(settings: Settings, metrics: Metrics) -> Services:
         worker = None
         if settings.worker:
             worker = Worker(
-                factory, data, model, fetcher=fetcher, max_download_bytes=settings.max_upload_bytes
+                factory, data, model, fetcher=fetcher, max_download_bytes=settings.max_upload_bytes, sink=sink
             )
             opened.append(worker)
             worker.start_thread()
@@ -125,14 +113,15 @@ def open_services(settings: Settings, metrics: Metrics) -> Services:
         # Searches run in the batch thread from now on: an OpenMP pool left alive in this loading thread
         # would make every parallel op there wait on sleeping workers (model.openmp).
         release_openmp_threads()
-        ingestor = Ingestor(factory, data, model.model_id, tuple(settings.resolved_roots))
+        ingestor = Ingestor(factory, data, model.model_id, tuple(settings.resolved_roots), sink=sink)
     except BaseException:
         for part in reversed(opened):
             part.close()  # type: ignore[attr-defined]
         engine.dispose()
         raise
+    opened_seq = index.last_seq if isinstance(index, LiveIndex) else 0
     services = Services(
-        settings, engine, factory, data, model, index, searcher, ingestor, fetcher, worker, index.last_seq
+        settings, engine, factory, data, model, index, searcher, ingestor, fetcher, worker, opened_seq
     )
     logger.info(
         "ready: model %s on %s (%s), %d segments indexed (%s on %s), worker %s",
@@ -145,3 +134,28 @@ def open_services(settings: Settings, metrics: Metrics) -> Services:
         "on" if worker else "off",
     )
     return services
+
+
+def open_index(
+    settings: Settings, data: DataDir, factory: sessionmaker[Session], model: TokenBinder
+) -> LiveIndex | MilvusIndex:
+    """The broad view TVS_VECTOR_BACKEND names: FAISS in this process (following the change feed), or a
+    Milvus collection shared by every replica (nothing held here, nothing to follow)."""
+    cfg = model.config
+    if settings.vector_backend == "milvus":
+        return MilvusIndex(settings.milvus_config(), model.model_id, cfg.embed_dim, cfg.num_frames).open()
+    return LiveIndex(
+        data,
+        factory,
+        model.model_id,
+        cfg.embed_dim,
+        cfg.num_frames,
+        factory=settings.index_factory,
+        follow_interval_s=settings.follow_interval_s,
+        nprobe=settings.index_nprobe,
+        ef_search=settings.index_ef_search,
+        rerank=settings.index_rerank,
+        device=settings.index_device,
+        catch_up_s=settings.feed_catch_up_s,
+        feed_retention_s=settings.feed_retention_s,
+    ).open()

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from indexer.settings import DEMO_MODEL_DIR, SharedSettings, default_model
+
+if TYPE_CHECKING:
+    from indexer.milvus_index import MilvusConfig
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +82,18 @@ class Settings(SharedSettings):
     feed_catch_up_s: float = Field(default=30.0, ge=0)
     # Changes younger than this are kept when a snapshot prunes the feed (indexer.feed_compaction).
     feed_retention_s: float = Field(default=600.0, ge=0)
+    # --- the vector backend: faiss (in every replica's memory, the default) or milvus (a database the
+    # replicas share; they then hold no index and follow no change feed). docs/deploy.md, "A cluster".
+    vector_backend: Literal["faiss", "milvus"] = "faiss"
+    milvus_uri: str | None = (
+        None  # a `.db` file (Milvus Lite, one process) or http://host:19530; None: <data_dir>/milvus.db
+    )
+    milvus_token: SecretStr | None = None  # user:password or an API key, for a server with authentication
+    milvus_index: str = (
+        "FLAT"  # the CLS field's index: TYPE or TYPE:key=value,... (IVF_FLAT:nlist=1024,nprobe=16)
+    )
+    milvus_prefix: str = Field(default="tvs", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")  # collection names
+    milvus_timeout_s: float = Field(default=10.0, gt=0)  # per call; a search past it answers 503
 
     @field_validator("allowed_roots", "cors_origins", mode="before")
     @classmethod
@@ -94,6 +109,17 @@ class Settings(SharedSettings):
             return check_index_device(value)
         except IndexDeviceError as e:
             raise ValueError(f"TVS_INDEX_DEVICE: {e}") from e
+
+    @field_validator("milvus_index")
+    @classmethod
+    def _milvus_index(cls, value: str) -> str:
+        from indexer.milvus_index import MilvusIndexSpecError, parse_index_spec
+
+        try:
+            parse_index_spec(value)
+        except MilvusIndexSpecError as e:
+            raise ValueError(str(e)) from e
+        return value
 
     @field_validator("api_key", "read_api_key", mode="before")
     @classmethod
@@ -137,6 +163,20 @@ class Settings(SharedSettings):
             if "*" in self.cors_origins:
                 raise ValueError("TVS_CORS_ORIGINS='*' is not allowed in production; list the origins")
         return self
+
+    def milvus_config(self) -> MilvusConfig:
+        from indexer.milvus_index import MilvusConfig, parse_index_spec
+
+        kind, build, search = parse_index_spec(self.milvus_index)
+        return MilvusConfig(
+            uri=self.milvus_uri or str(self.data_dir / "milvus.db"),
+            token=self.milvus_token.get_secret_value() if self.milvus_token else "",
+            index_type=kind,
+            index_params=build,
+            search_params=search,
+            prefix=self.milvus_prefix,
+            timeout_s=self.milvus_timeout_s,
+        )
 
     @property
     def resolved_roots(self) -> list[Path]:

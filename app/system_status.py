@@ -14,6 +14,8 @@ from app.schemas import HealthCutoff, HealthFeed, HealthIndex, HealthModel, Heal
 from app.services import Services
 from app.settings import Settings
 from indexer import catalog
+from indexer.live_index import LiveIndex
+from indexer.milvus_index import MilvusUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -30,14 +32,21 @@ def health(services: Services | None, settings: Settings) -> HealthResponse:
     if services is None:
         return HealthResponse(status="starting", ready=False, model=None, index=None, **common)
     reachable = database_reachable(services)
-    feed = feed_health(services, settings)
-    behind = feed.lag_seconds > feed.max_lag_seconds
+    # A Milvus-backed replica follows no change feed: it has no lag to report.
+    feed = feed_health(services.index, settings) if isinstance(services.index, LiveIndex) else None
+    cfg = services.model.config
+    try:
+        index: HealthIndex | None = index_health(services)
+    except MilvusUnavailableError as e:
+        logger.warning("health: %s", e)
+        index = None
     status: HealthStatus = "ok"
     if not reachable:
         status = "database unreachable"
-    elif behind:
+    elif index is None:
+        status = "vector database unreachable"
+    elif feed is not None and feed.lag_seconds > feed.max_lag_seconds:
         status = "catching up with the change feed"
-    cfg = services.model.config
     return HealthResponse(
         status=status,
         ready=status == "ok",
@@ -50,14 +59,14 @@ def health(services: Services | None, settings: Settings) -> HealthResponse:
             dim=cfg.embed_dim,
             cutoff=cutoff_health(services.searcher.default_cutoff),
         ),
-        index=index_health(services),
+        index=index,
         feed=feed,
         **common,
     )
 
 
-def feed_health(services: Services, settings: Settings) -> HealthFeed:
-    lag = services.index.feed_lag
+def feed_health(index: LiveIndex, settings: Settings) -> HealthFeed:
+    lag = index.feed_lag
     return HealthFeed(
         position=lag.position,
         head=lag.head,
@@ -93,6 +102,17 @@ def index_health(services: Services) -> HealthIndex:
     )
 
 
+def index_size(services: Services | None) -> int:
+    """Segments in the index for /metrics; 0 (logged) while the vector database cannot be reached."""
+    if services is None:
+        return 0
+    try:
+        return services.index.size
+    except MilvusUnavailableError as e:
+        logger.warning("metrics: index size unavailable: %s", e)
+        return 0
+
+
 def database_reachable(services: Services) -> bool:
     """One round trip to the catalog; False (logged) when the server is down or the network is cut."""
     try:
@@ -106,9 +126,9 @@ def database_reachable(services: Services) -> bool:
 
 def render_metrics(services: Services | None, metrics: Metrics) -> bytes:
     """The Prometheus text for /metrics, on either port (blocking: it counts the jobs in the catalog)."""
-    size = services.index.size if services is not None else 0
+    size = index_size(services)
     info = (services.index.device, services.index.factory) if services is not None else None
-    lag = services.index.feed_lag if services is not None else None
+    lag = services.index.feed_lag if services is not None and isinstance(services.index, LiveIndex) else None
     feed = (lag.seconds(), lag.rows) if lag is not None else (0.0, 0)
     return metrics.render(size, jobs_by_state(services), info, feed)
 

@@ -4,8 +4,12 @@ Builds a synthetic library per size N (Gaussian-mixture CLS vectors and frame to
 token store and FAISS snapshot), loads a random-weight ViT-B-32 TokenBinder, and measures in one run:
 text encoding alone, two-stage search and broad-only search (one query at a time), FAISS recall@10 of
 the chosen factory against exact search, and throughput with C concurrent clients, batching on vs off.
+`--backend milvus` also copies each library into a Milvus collection (`--milvus-uri`, default Milvus Lite
+in the output folder; `--milvus-index`, default FLAT) and measures the same one-query runs on it, beside
+FAISS, in the same run.
 
     .venv/bin/python bench/search.py --sizes 10000,100000 --factory HNSW32 --ef-search 64
+    .venv/bin/python bench/search.py --sizes 100000 --factory Flat --backend milvus --no-http
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from indexer import catalog
 from indexer.catalog import Segment, Video
 from indexer.db import make_engine, make_session_factory, session_scope, upgrade_database
 from indexer.live_index import LiveIndex
+from indexer.milvus_index import MilvusConfig, MilvusIndex, parse_index_spec
+from indexer.milvus_sync import rebuild
 from indexer.paths import DataDir
 from indexer.token_store import TokenStore
 from indexer.vector_index import build_index
@@ -120,7 +126,7 @@ def build_library(root: Path, n: int, model: Any, args: argparse.Namespace) -> t
     return url, all_cls
 
 
-def recall_at_10(live: LiveIndex, cls: np.ndarray, args: argparse.Namespace) -> float:
+def recall_at_10(live: LiveIndex | MilvusIndex, cls: np.ndarray, args: argparse.Namespace) -> float:
     rng = np.random.default_rng(args.seed + 2)
     q = Mixture(cls.shape[1], args.clusters, args.seed).sample(200, rng)
     exact = torch.topk(torch.from_numpy(q) @ torch.from_numpy(cls).T, 10, dim=1).indices.numpy() + 1
@@ -133,7 +139,7 @@ def pct(values: list[float], p: float) -> float:
 
 
 def in_process(
-    model: Any, live: LiveIndex, url: str, texts: list[str], args: argparse.Namespace
+    model: Any, live: LiveIndex | MilvusIndex, url: str, texts: list[str], args: argparse.Namespace
 ) -> dict[str, Any]:
     searcher = Searcher(model, live, make_session_factory(make_engine(url)))
     searcher.warm_up()
@@ -235,6 +241,8 @@ def run_size(n: int, model: Any, texts: list[str], args: argparse.Namespace, out
                      model.config.num_frames, factory=args.factory).open(follow=False)  # fmt: skip
     result["index"] = {"factory": live.factory, "size": live.size, "recall@10": recall_at_10(live, cls, args)}
     result["in_process"] = in_process(model, live, url, texts, args)
+    if args.backend == "milvus":
+        result["milvus"] = run_milvus(root, url, model, cls, texts, args)
     # The single queries ran in this thread; from here the batch threads search. Give this thread's
     # OpenMP pool back, as the service does once it has loaded the model (app/services.py, model.openmp).
     release_openmp_threads()
@@ -264,6 +272,31 @@ def run_size(n: int, model: Any, texts: list[str], args: argparse.Namespace, out
     return result
 
 
+def run_milvus(
+    root: Path, url: str, model: Any, cls: np.ndarray, texts: list[str], args: argparse.Namespace
+) -> dict[str, Any]:
+    """The same library copied into a Milvus collection, then the same one-query runs on it."""
+    kind, build, search = parse_index_spec(args.milvus_index)
+    config = MilvusConfig(args.milvus_uri or str(root / "milvus.db"), index_type=kind, index_params=build,
+                          search_params=search, prefix="bench", timeout_s=120.0)  # fmt: skip
+    cfg = model.config
+    with MilvusIndex(config, model.model_id, cfg.embed_dim, cfg.num_frames) as index:
+        t = time.perf_counter()
+        rebuild(index, DataDir(root), make_session_factory(make_engine(url)), model.model_id)
+        fill_s = time.perf_counter() - t
+        out = {
+            "index": {
+                "factory": index.factory,
+                "size": index.size,
+                "recall@10": recall_at_10(index, cls, args),
+            }
+        }
+        out["fill_s"] = fill_s
+        out["in_process"] = in_process(model, index, url, texts, args)
+        index.drop()
+    return out
+
+
 def report(results: list[dict[str, Any]]) -> None:
     f = "{:.1f}/{:.1f}".format
     for r in results:
@@ -277,6 +310,16 @@ def report(results: list[dict[str, Any]]) -> None:
                 f"{s} {f(*ip[f'{mode}.{s}'])}" for s in ("encode", "faiss", "catalog", "tokens", "rerank")
             )
             print(f"  {mode:<10} total {f(*ip[f'{mode}.wall']):>12}   {stages}")
+        if "milvus" in r:
+            m = r["milvus"]
+            print(f"  Milvus ({m['index']['factory']}, recall@10 {m['index']['recall@10']:.3f}, filled in "
+                  f"{m['fill_s']:.0f} s), the same runs (the faiss column is the Milvus search):")  # fmt: skip
+            for mode in ("two_stage", "broad_only"):
+                stages = "  ".join(
+                    f"{s} {f(*m['in_process'][f'{mode}.{s}'])}"
+                    for s in ("encode", "faiss", "catalog", "tokens", "rerank")
+                )
+                print(f"  {mode:<10} total {f(*m['in_process'][f'{mode}.wall']):>12}   {stages}")
         two, broad, enc = ip["two_stage.wall"][0], ip["broad_only.wall"][0], ip["encode_alone"][0]
         print(f"  ratios: two-stage / encode = {two / enc:.2f} (goal <= 1.5);"
               f" focused view adds {100 * (two - broad) / broad:+.1f}% to broad-only (goal <= 10%)")  # fmt: skip
@@ -319,6 +362,10 @@ def main(argv: list[str] | None = None) -> None:
         "--threads", type=int, default=None, help="torch threads, here and in the server (TVS_TORCH_THREADS)"
     )
     p.add_argument("--no-http", dest="http", action="store_false")
+    p.add_argument("--backend", choices=["faiss", "milvus"], default="faiss",
+                   help="milvus: also measure each size on a Milvus collection, beside FAISS")  # fmt: skip
+    p.add_argument("--milvus-uri", default=None, help="default: Milvus Lite, <out>/n<N>/milvus.db")
+    p.add_argument("--milvus-index", default="FLAT", help="the CLS field's index (TVS_MILVUS_INDEX syntax)")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="keep the libraries and JSON here (default: temp)")

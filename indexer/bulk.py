@@ -24,8 +24,9 @@ from indexer.db import session_scope
 from indexer.failures import not_decodable
 from indexer.ingest import IngestError, StoreMode, ingest_file, scan
 from indexer.live_index import register_model, save_snapshot
+from indexer.milvus_index import MilvusIndex
 from indexer.paths import DataDir
-from indexer.pipeline import PipelineConfig, TaskResult, VideoTask
+from indexer.pipeline import PipelineConfig, TaskResult, VectorSink, VideoTask
 from indexer.worker import Worker
 from model.openmp import release_openmp_threads
 from model.tokenbinder import TokenBinder
@@ -83,6 +84,7 @@ def add_paths(
     on_start: Callable[[int], None] | None = None,
     on_skip: Callable[[], None] | None = None,
     on_result: Callable[[TaskResult], None] | None = None,
+    sink: VectorSink | None = None,
 ) -> BulkReport:
     """Ingest files (folders, globs) and index them in this process; re-running after a crash completes the run.
 
@@ -96,7 +98,7 @@ def add_paths(
     if on_start is not None:
         on_start(len(found.found))
     # A short poll: the worker starts before the first job is queued and must not idle a second.
-    worker = Worker(session_factory, data, model, poll_s=0.1, config=config, on_result=on_result)
+    worker = Worker(session_factory, data, model, poll_s=0.1, config=config, on_result=on_result, sink=sink)
     job_ids: list[int] = []
     by_video: dict[int, Path] = {}
     hashed = threading.Event()
@@ -192,17 +194,22 @@ def reindex(
     on_start: Callable[[int], None] | None = None,
     on_result: Callable[[TaskResult], None] | None = None,
     engine: EngineFactory | None = None,
+    milvus: MilvusIndex | None = None,
 ) -> BulkReport:
     """Index the library with `model` (videos lacking its segments, or all); then make it the active model.
 
     A new model's segments and tokens form a generation beside the live one; the switch is one
     transaction, taken only when every video is in the new generation. Re-running resumes.
     `engine` makes what runs the videos (default: a Worker in this process; `indexer.ray_engine` for a
-    Ray cluster); it gets (session_factory, data, model, config=, on_result=).
+    Ray cluster); it gets (session_factory, data, model, config=, on_result=). With `milvus` (the new
+    model's collection) the local worker fills it, and its alias moves to it at the switch.
     """
     started = time.monotonic()
     active = register_model(session_factory, model, require_active=False)
-    worker = (engine or _local_engine)(session_factory, data, model, config=config, on_result=on_result)
+    extra: dict[str, Any] = {"sink": milvus} if milvus is not None else {}
+    worker = (engine or _local_engine)(
+        session_factory, data, model, config=config, on_result=on_result, **extra
+    )
     report = BulkReport()
     seen: dict[int, str] = {}
     try:
@@ -224,7 +231,10 @@ def reindex(
         with session_scope(session_factory) as session:
             if not _reindex_candidates(session, model.model_id, missing_only=True):
                 report.switched = catalog.activate_model(session, model.model_id) is not None
-    save_snapshot(data, session_factory, model.model_id)
+    if milvus is None:
+        save_snapshot(data, session_factory, model.model_id)
+    elif report.switched:
+        milvus.point_alias()  # for readers outside the service; the catalog's switch is the one that counts
     report.seconds = time.monotonic() - started
     return report
 

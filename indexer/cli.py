@@ -29,6 +29,7 @@ from indexer.schema import AUTO_MIGRATE_ENV, ensure_schema
 from indexer.settings import SharedSettings
 
 if TYPE_CHECKING:  # the pipeline pulls in torch and the decoders: loaded only by commands that index
+    from indexer.milvus_index import MilvusIndex
     from indexer.pipeline import PipelineConfig, TaskResult
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,22 @@ class Env:
         if active is None:
             raise UsageError("no model is active yet: index some videos first (`indexer add PATH`)")
         return active.id
+
+    def milvus(self, factory: sessionmaker[Session], model_id: str) -> MilvusIndex | None:
+        """The model's Milvus collection when --backend milvus (TVS_VECTOR_BACKEND), else None (FAISS)."""
+        if self.args.backend != "milvus":
+            return None
+        from indexer.milvus_index import MilvusIndex, MilvusIndexSpecError, config_from_env
+
+        with session_scope(factory) as session:
+            model = catalog.get_model(session, model_id)
+        if model is None:
+            raise UsageError(f"model {model_id!r} is not registered in the catalog; index some videos first")
+        try:
+            config = config_from_env(self.data.root, self.args.milvus_uri)
+        except (MilvusIndexSpecError, ValueError) as e:
+            raise UsageError(str(e)) from e
+        return MilvusIndex(config, model_id, model.dim, model.num_frames).open()
 
     def pipeline_config(self) -> PipelineConfig:
         from indexer.pipeline import PipelineConfig
@@ -161,9 +178,12 @@ def cmd_migrate(env: Env) -> int:
 
 def cmd_add(env: Env) -> int:
     from indexer.bulk import add_paths
+    from indexer.live_index import register_model
 
     factory, model, bar = env.sessions(), env.model(), Progress(env, "indexing")
     a = env.args
+    register_model(factory, model, require_active=True)
+    sink = env.milvus(factory, model.model_id)
     try:
         report = add_paths(
             factory,
@@ -178,6 +198,7 @@ def cmd_add(env: Env) -> int:
             on_start=bar.start,
             on_skip=bar.skip,
             on_result=bar.result,
+            sink=sink,
         )
     finally:
         bar.close()
@@ -191,19 +212,23 @@ def cmd_add(env: Env) -> int:
 
 
 def cmd_worker(env: Env) -> int:
+    from indexer.live_index import register_model
     from indexer.worker import Worker
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())  # finish the videos in hand, then exit
     a = env.args
+    factory, model = env.sessions(), env.model()
+    register_model(factory, model, require_active=True)
     worker = Worker(
-        env.sessions(),
+        factory,
         env.data,
-        env.model(),
+        model,
         lease_s=a.lease_s,
         poll_s=a.poll_s,
         config=env.pipeline_config(),
+        sink=env.milvus(factory, model.model_id),
     )
     logger.info("worker %s waiting for jobs", worker.worker_id)
     try:
@@ -244,6 +269,14 @@ def cmd_reindex(env: Env) -> int:
         import_ray()  # before loading the model: a missing extra is reported at once
         engine = ray_engine(RayOptions(a.address, a.encoders))
     factory, model, bar = env.sessions(), env.model(), Progress(env, "reindexing")
+    milvus = None
+    if a.backend == "milvus":
+        if engine is not None:
+            raise UsageError("--engine ray does not write to Milvus yet: reindex locally, or on FAISS")
+        from indexer.live_index import register_model
+
+        register_model(factory, model, require_active=False)
+        milvus = env.milvus(factory, model.model_id)
     try:
         report = reindex(
             factory,
@@ -254,6 +287,7 @@ def cmd_reindex(env: Env) -> int:
             on_start=bar.start,
             on_result=bar.result,
             engine=engine,
+            milvus=milvus,
         )
     finally:
         bar.close()
@@ -268,8 +302,21 @@ def cmd_rebuild_index(env: Env) -> int:
     from indexer.live_index import save_snapshot
 
     a = env.args
-    resolve_index_device(a.index_device)  # an unusable GPU fails before any work
     factory = env.sessions()
+    milvus = env.milvus(factory, env.model_id(factory))
+    if milvus is not None:
+        from indexer.milvus_sync import rebuild
+
+        count = rebuild(milvus, env.data, factory, milvus.model_id)
+        payload = {
+            "model_id": milvus.model_id,
+            "count": count,
+            "backend": "milvus",
+            "collection": milvus.name,
+        }
+        env.emit(payload, f"rebuilt {milvus.model_id} in Milvus collection {milvus.name}: {count} segments")
+        return 0
+    resolve_index_device(a.index_device)  # an unusable GPU fails before any work
     manifest = save_snapshot(
         env.data,
         factory,
@@ -301,15 +348,18 @@ def cmd_verify(env: Env) -> int:
     resolve_index_device(a.index_device)  # an unusable GPU fails before any work
     factory = env.sessions()
     model_id = env.model_id(factory)
-    report = verify(env.data, factory, model_id, repair=a.repair, index_device=a.index_device)
+    milvus = env.milvus(factory, model_id)
+    report = verify(env.data, factory, model_id, repair=a.repair, index_device=a.index_device, milvus=milvus)
     if a.repair and report.requeued_jobs:
-        _run_jobs(env, factory, report.requeued_jobs)
-        report = verify(env.data, factory, model_id, repair=True, index_device=a.index_device)
+        _run_jobs(env, factory, report.requeued_jobs, milvus)
+        report = verify(env.data, factory, model_id, repair=True, index_device=a.index_device, milvus=milvus)
     env.emit(report.to_dict(), _verify_text(report))
     return 0 if report.ok else 1
 
 
-def _run_jobs(env: Env, factory: sessionmaker[Session], job_ids: list[int]) -> None:
+def _run_jobs(
+    env: Env, factory: sessionmaker[Session], job_ids: list[int], milvus: MilvusIndex | None = None
+) -> None:
     from indexer import jobs
     from indexer.worker import Worker
 
@@ -319,7 +369,7 @@ def _run_jobs(env: Env, factory: sessionmaker[Session], job_ids: list[int]) -> N
                 (j := jobs.get_job(session, i)) is None or j.state in ("ready", "failed") for i in job_ids
             )
 
-    worker = Worker(factory, env.data, env.model(), config=env.pipeline_config())
+    worker = Worker(factory, env.data, env.model(), config=env.pipeline_config(), sink=milvus)
     try:
         worker.run(until=settled)
     finally:
@@ -387,8 +437,11 @@ def cmd_rm(env: Env) -> int:
     from indexer.ingest import delete_video
 
     factory, missing = env.sessions(), []
+    with session_scope(factory) as session:
+        active = catalog.get_active_model(session)
+    sink = env.milvus(factory, active.id) if active is not None else None
     for video_id in env.args.video_ids:
-        if delete_video(factory, env.data, video_id) is None:
+        if delete_video(factory, env.data, video_id, sink=sink) is None:
             missing.append(video_id)
     env.emit(
         {"deleted": [v for v in env.args.video_ids if v not in missing], "not_found": missing},
@@ -412,6 +465,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="preset, PRESET:PRETRAINED or checkpoint dir (env TVS_MODEL; default the demo model installed "
         "beside the code, assets/demo-model, else small)",
+    )
+    common.add_argument(
+        "--backend",
+        choices=["faiss", "milvus"],
+        default=os.environ.get("TVS_VECTOR_BACKEND") or "faiss",
+        help="vector backend: faiss (snapshots in the data directory) or milvus (env TVS_VECTOR_BACKEND; "
+        "default faiss); `rebuild-index --backend milvus` copies a FAISS library into Milvus",
+    )
+    common.add_argument(
+        "--milvus-uri",
+        default=None,
+        help="Milvus: a .db file (Milvus Lite) or http://host:19530 (env TVS_MILVUS_URI; default "
+        "<data-dir>/milvus.db); TVS_MILVUS_TOKEN, TVS_MILVUS_INDEX, TVS_MILVUS_PREFIX as for the service",
     )
     common.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
     common.add_argument(
@@ -506,7 +572,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to build the FAISS index: auto (a GPU when faiss has GPU support and sees one), cpu, "
         "cuda, cuda:N (env TVS_INDEX_DEVICE; default auto); the snapshot is saved from a CPU copy",
     )
-    p = add("rebuild-index", cmd_rebuild_index, "rebuild the FAISS snapshot from the token store", [device])
+    p = add(
+        "rebuild-index",
+        cmd_rebuild_index,
+        "rebuild the FAISS snapshot (or, with --backend milvus, the Milvus collection) from the token store",
+        [device],
+    )
     p.add_argument(
         "--factory",
         "--index-factory",

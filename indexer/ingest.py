@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -29,6 +29,12 @@ logger = logging.getLogger(__name__)
 
 StoreMode = Literal["copy", "move", "in_place"]
 _CHUNK = 1 << 20
+
+
+class SegmentDeleter(Protocol):
+    """A vector database whose rows follow the catalog's deletes (indexer.milvus_index.MilvusIndex)."""
+
+    def delete(self, ids: Iterable[int]) -> None: ...
 
 
 class IngestError(IndexerError, UserError):
@@ -311,8 +317,17 @@ def _register(
     return result
 
 
-def delete_video(session_factory: sessionmaker[Session], data: DataDir, video_id: int) -> list[int] | None:
+def delete_video(
+    session_factory: sessionmaker[Session],
+    data: DataDir,
+    video_id: int,
+    *,
+    sink: SegmentDeleter | None = None,
+) -> list[int] | None:
     """Delete a video from the catalog (it leaves search at once), then free its tokens, thumbnails and file.
+
+    With a vector database (`sink`) its rows there are deleted too; the searcher already drops them, since
+    it keeps only hits the catalog has, so a failure here only leaves rows that verify --repair removes.
 
     Returns the freed segment ids, or None if there is no such video. Freeing is best effort: what a
     crash leaves behind is found and freed by `indexer verify --repair`.
@@ -327,6 +342,11 @@ def delete_video(session_factory: sessionmaker[Session], data: DataDir, video_id
     by_model: dict[str, list[int]] = {}
     for seg_id, model_id in rows:
         by_model.setdefault(model_id, []).append(seg_id)
+    if sink is not None:
+        try:
+            sink.delete([seg_id for seg_id, _ in rows])
+        except Exception as e:  # the catalog delete already took it out of search
+            logger.warning("video %s deleted, but not yet from the vector database (%s)", video_id, e)
     try:
         purge_video_files(session_factory, data, video_id, by_model, stored)
     except OSError as e:

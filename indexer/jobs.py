@@ -282,6 +282,22 @@ def complete(session: Session, job_id: int, *, worker_id: str | None = None) -> 
     return job
 
 
+def postpone(
+    session: Session, job_id: int, error: str, delay: timedelta, *, worker_id: str | None = None
+) -> Job | None:
+    """Back to the queue after `delay` without spending an attempt: an outage elsewhere (the vector
+    database) is not the video's fault, so the job waits it out however long it lasts."""
+    job = _owned(session, job_id, worker_id)
+    if job is None:
+        return None
+    job.error, job.lease_owner, job.lease_expires_at = error, None, None
+    job.state, job.run_after = "queued", utcnow() + delay
+    job.attempts = max(0, job.attempts - 1)
+    logger.warning("job %s postponed by %s: %s", job_id, delay, error)
+    session.flush()
+    return job
+
+
 def fail(
     session: Session,
     job_id: int,

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -20,9 +20,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from indexer import catalog
 from indexer.catalog import NewSegment, VideoNotAvailableError
-from indexer.db import session_scope
+from indexer.db import session_scope, utcnow
 from indexer.errors import IndexerError
 from indexer.ingest import delete_segments, release_pending
+from indexer.milvus_index import SegmentRow
 from indexer.paths import DataDir
 from indexer.token_store import TokenStore
 from model import video
@@ -148,6 +149,14 @@ def save_thumbnail(path: Path, rgb: np.ndarray, quality: int = 85) -> None:
 CommitHook = Callable[[Session, VideoTask], None]
 
 
+class VectorSink(Protocol):
+    """A vector database the writer keeps in step with the catalog (indexer.milvus_index.MilvusIndex)."""
+
+    def add(self, rows: Sequence[SegmentRow], cls: np.ndarray, tokens: np.ndarray) -> None: ...
+
+    def delete(self, ids: Iterable[int]) -> None: ...
+
+
 class Writer:
     """Thumbnails; tokens made durable; then ONE catalog transaction that makes the video searchable.
 
@@ -164,9 +173,10 @@ class Writer:
         *,
         on_commit: CommitHook | None = None,
         jpeg_quality: int = 85,
+        sink: VectorSink | None = None,
     ) -> None:
         self._factory, self.data, self.model_id, self.store = session_factory, data, model_id, store
-        self._on_commit, self._quality = on_commit, jpeg_quality
+        self._on_commit, self._quality, self.sink = on_commit, jpeg_quality, sink
 
     def commit(self, task: VideoTask, info: VideoInfo, segments: Sequence[EncodedSegment]) -> list[int]:
         if not segments:
@@ -187,6 +197,21 @@ class Writer:
                 ids, np.stack([s.tokens for s in segments]), np.stack([s.cls for s in segments])
             )
         self.store.flush()  # tokens durable before the rows that make them searchable
+        if self.sink is not None:
+            # Before the catalog commit: the searcher drops hits the catalog does not have, so a crash
+            # here leaves stray rows that nothing returns (verify --repair removes them).
+            with self._factory() as session:
+                video_row = catalog.get_video(session, vid)
+                created = video_row.created_at if video_row is not None else utcnow()
+            rows_out = [
+                SegmentRow(i, vid, s.start_s, s.end_s, created, info.duration_s)
+                for i, s in zip(ids, segments, strict=True)
+            ]
+            self.sink.add(
+                rows_out,
+                np.stack([s.cls for s in segments]),
+                np.stack([s.tokens for s in segments]),
+            )
         rows = [
             NewSegment(i, s.ordinal, s.start_s, s.end_s, data.thumb_relpath(vid, s.ordinal))
             for i, s in zip(ids, segments, strict=True)
@@ -205,12 +230,16 @@ class Writer:
         if replaced:
             self.store.free(replaced)
             self.store.flush()
+            if self.sink is not None:
+                self.sink.delete(replaced)
         data.clear_pending(self.model_id, vid)
         return ids
 
     def discard(self, task: VideoTask) -> None:
         """Free records written for this video that never reached the catalog."""
-        release_pending(self._factory, self.data, self.model_id, task.video_id, self.store)
+        orphans = release_pending(self._factory, self.data, self.model_id, task.video_id, self.store)
+        if orphans and self.sink is not None:
+            self.sink.delete(orphans)
 
 
 # --- wiring ---------------------------------------------------------------------------------------------

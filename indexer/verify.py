@@ -11,12 +11,13 @@ import numpy as np
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from indexer import catalog, jobs
+from indexer import catalog, jobs, milvus_sync
 from indexer.catalog import Job, Segment, Video
 from indexer.db import session_scope
 from indexer.errors import IndexerError, UserError
 from indexer.ingest import release_pending
 from indexer.live_index import save_snapshot
+from indexer.milvus_index import MilvusIndex
 from indexer.paths import DataDir
 from indexer.token_store import TokenStore
 from indexer.vector_index import CorruptSnapshotError, SnapshotNotFoundError, VectorIndex
@@ -70,25 +71,31 @@ def verify(
     repair: bool = False,
     *,
     index_device: str = "cpu",
+    milvus: MilvusIndex | None = None,
 ) -> VerifyReport:
     """Check one model's index; with `repair`, fix what can be fixed and return the state after the fix.
 
     Repairs: a lagging, corrupt or stale snapshot is rebuilt from the catalog and the token store;
     orphan records are freed; videos with missing records (or none at all) get a `reindex` job (run it
     with `indexer worker`, or `indexer verify --repair` runs it in-process). `index_device` is where a
-    rebuilt index is built (indexer.index_device).
+    rebuilt index is built (indexer.index_device). With `milvus` (TVS_VECTOR_BACKEND=milvus) the collection
+    is checked instead of a snapshot, and repaired row by row from the token store.
     """
-    report = _check(data, session_factory, model_id)
+    report = _check(data, session_factory, model_id, milvus)
     if not repair or (report.ok and not report.stray_files):
         return report
     actions: list[str] = []
     _delete_stray_files(data, report, actions)
     requeued = _requeue(session_factory, model_id, report, actions)
     _free_orphans(data, session_factory, model_id, report, actions)
-    if report.snapshot != "ok" or report.index_missing or report.index_extra:
+    if milvus is not None:
+        actions += milvus_sync.repair(
+            milvus, data, session_factory, model_id, report.index_missing, report.index_extra
+        )
+    elif report.snapshot != "ok" or report.index_missing or report.index_extra:
         save_snapshot(data, session_factory, model_id, rebuild=True, device=index_device)
         actions.append("rebuilt the index snapshot from the catalog and the token store")
-    after = _check(data, session_factory, model_id)
+    after = _check(data, session_factory, model_id, milvus)
     after.requeued_jobs, after.repaired = requeued, actions
     return after
 
@@ -103,7 +110,9 @@ def _model(session_factory: sessionmaker[Session], model_id: str) -> catalog.Emb
     return model
 
 
-def _check(data: DataDir, session_factory: sessionmaker[Session], model_id: str) -> VerifyReport:
+def _check(
+    data: DataDir, session_factory: sessionmaker[Session], model_id: str, milvus: MilvusIndex | None = None
+) -> VerifyReport:
     model = _model(session_factory, model_id)
     report = VerifyReport(model_id)
     with session_scope(session_factory) as session:
@@ -122,6 +131,11 @@ def _check(data: DataDir, session_factory: sessionmaker[Session], model_id: str)
     record_ids = np.concatenate(stored) if stored else np.zeros(0, np.int64)
     journalled = [i for video, ids in data.pending(model_id).items() if video in in_flight for i in ids]
     report.orphan_tokens = np.setdiff1d(record_ids, np.union1d(seg_ids, journalled)).tolist()
+    if milvus is not None:
+        report.snapshot = "ok"  # no snapshot: the collection is the index
+        report.indexed = milvus.size
+        report.index_missing, report.index_extra = milvus_sync.compare(milvus, seg_ids)
+        return report
     try:
         index, manifest = VectorIndex.load(data.index_path(model_id))
     except SnapshotNotFoundError:

@@ -22,12 +22,14 @@ from indexer.downloads import Download, download_job
 from indexer.errors import IndexerError
 from indexer.failures import failure_reason
 from indexer.live_index import IndexMismatchError, register_model
+from indexer.milvus_index import MilvusUnavailableError
 from indexer.paths import DataDir
 from indexer.pipeline import (
     Encoder,
     PipelineConfig,
     TaskCancelledError,
     TaskResult,
+    VectorSink,
     VideoTask,
     Writer,
     run_pipeline,
@@ -42,6 +44,7 @@ _PROGRESS_EVERY_S = 1.0  # job progress rows are throttled: each update is a cat
 _CANCEL_CHECK_EVERY_S = 0.5  # how soon a running job notices DELETE /jobs/{id}: one catalog read per period
 DEFAULT_MAX_DOWNLOAD_BYTES = 2 * 1024**3
 _CLAIM_BACKOFF_MAX_S = 10.0
+_OUTAGE_RETRY = timedelta(seconds=2)  # while the vector database is down, a job is tried again this often
 
 
 class LostLeaseError(IndexerError, RuntimeError):
@@ -70,6 +73,7 @@ class Worker:
         require_active: bool = True,
         fetcher: UrlFetcher | None = None,
         max_download_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES,
+        sink: VectorSink | None = None,
     ) -> None:
         self.factory, self.data, self.model = session_factory, data, model
         self.worker_id = worker_id or default_worker_id()
@@ -80,7 +84,13 @@ class Worker:
         self.store = TokenStore(data.tokens_dir(self.model_id), cfg.num_frames, cfg.embed_dim)
         self.encoder = Encoder(model)
         self.writer = Writer(
-            session_factory, data, self.model_id, self.store, on_commit=self._complete, jpeg_quality=85
+            session_factory,
+            data,
+            self.model_id,
+            self.store,
+            on_commit=self._complete,
+            jpeg_quality=85,
+            sink=sink,
         )
         self._observer = on_result
         self._inflight: dict[int, tuple[str, float]] = {}  # job id -> (state, monotonic time) last written
@@ -337,7 +347,14 @@ class Worker:
             self._cancel_checked.pop(task.job_id or -1, None)
             claimed = self._claimed_at.pop(task.job_id or -1, None)
         state, reason = "ready", None
-        if isinstance(result.error, LostLeaseError):
+        if isinstance(result.error, MilvusUnavailableError) and task.job_id is not None:
+            # The vector database is down: the job waits for it, without spending one of its attempts.
+            with session_scope(self.factory) as session:
+                jobs.postpone(
+                    session, task.job_id, str(result.error), _OUTAGE_RETRY, worker_id=self.worker_id
+                )
+            state, reason = "queued", str(result.error)
+        elif isinstance(result.error, LostLeaseError):
             state, reason = "lost", str(result.error)
         elif isinstance(result.error, TaskCancelledError):
             state, reason = "cancelled", str(result.error)

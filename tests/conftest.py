@@ -103,3 +103,28 @@ def newer_release(
     (copy / "versions" / f"{new}.py").write_text(NEXT_REVISION.format(revision=new, down=head))
     monkeypatch.setattr(indexer.db, "MIGRATIONS_DIR", copy)
     return head, new
+
+
+@pytest.fixture(scope="session")
+def milvus_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Milvus server shared by the session: TVS_TEST_MILVUS_URI, else Milvus Lite on a loopback port.
+
+    Tests keep apart by collection prefix (`milvus_prefix`), so one start-up serves them all.
+    """
+    from helpers.milvus import lite_server, real_server_uri
+
+    if (uri := real_server_uri()) is not None:
+        yield uri
+        return
+    pytest.importorskip("milvus_lite", reason="milvus-lite is not installed (pip install -e '.[milvus]')")
+    with lite_server(tmp_path_factory.mktemp("milvus")) as uri:
+        yield uri
+
+
+@pytest.fixture
+def milvus_prefix(request: pytest.FixtureRequest) -> str:
+    """A collection prefix of this test's own, so tests sharing one server never see each other's rows."""
+    import re
+    import uuid
+
+    return "t_" + re.sub(r"[^A-Za-z0-9]", "_", request.node.name)[:40] + "_" + uuid.uuid4().hex[:6]

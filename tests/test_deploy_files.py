@@ -119,6 +119,24 @@ def test_the_library_is_indexed_in_place_and_weights_are_cached_once(compose: di
     assert "models" in compose["volumes"]
 
 
+def test_milvus_profile_runs_the_standalone_stack_and_points_api_and_worker_at_it(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    for name in ("milvus-etcd", "milvus-minio", "milvus", "api-milvus", "worker-milvus"):
+        assert services[name]["profiles"] == ["milvus"], name
+    for name in ("milvus-etcd", "milvus-minio", "milvus"):
+        image = services[name]["image"]
+        assert ":" in image and not image.endswith(":latest"), f"{name}: pin the image version"
+    for name in ("api-milvus", "worker-milvus"):
+        env = environment(services[name])
+        assert env["TVS_VECTOR_BACKEND"] == "milvus" and env["TVS_MILVUS_URI"] == "http://milvus:19530"
+        assert env["TVS_DATABASE_URL"] == environment(services["api"])["TVS_DATABASE_URL"]
+        assert services[name]["depends_on"]["milvus"]["condition"] == "service_healthy"
+    assert environment(services["api-milvus"])["TVS_WORKER"] == "false"
+    assert services["worker-milvus"]["command"] == ["indexer", "worker"]
+
+
 def test_postgres_is_healthchecked_and_persistent(compose: dict[str, Any]) -> None:
     pg = compose["services"]["postgres"]
     assert "pg_isready" in " ".join(pg["healthcheck"]["test"])
@@ -268,7 +286,7 @@ def test_hadolint_passes_both_dockerfiles() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("profile", [None, "gpu"])
+@pytest.mark.parametrize("profile", [None, "gpu", "milvus"])
 def test_docker_compose_config_accepts_the_file(tmp_path: Path, profile: str | None) -> None:
     compose_bin = shutil.which("docker-compose")
     if compose_bin is None:

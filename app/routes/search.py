@@ -12,6 +12,7 @@ from app.errors import ApiError
 from app.page_tokens import PageTokenError
 from app.schemas import Problem, SearchRequest, SearchResponse
 from app.search_service import run_search
+from indexer.milvus_index import MilvusUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ router = APIRouter(tags=["search"], dependencies=[ReadAccess], responses=READ_PR
             "model": Problem,
             "description": "a page_token that does not fit this search, or a body that is not JSON text",
         },
-        503: {"model": Problem, "description": "starting or shutting down"},
+        503: {"model": Problem, "description": "starting or shutting down, or the vector database is down"},
     },
     summary="Find the moments that match a sentence",
 )
@@ -37,3 +38,8 @@ async def search(body: SearchRequest, searcher: SearcherDep, metrics: MetricsDep
         raise ApiError("bad_page_token", str(e)) from e
     except BatcherClosedError as e:
         raise ApiError("service_stopping", str(e)) from e
+    except MilvusUnavailableError as e:
+        raise ApiError(
+            "vector_database_unavailable",
+            f"search is unavailable: the vector database cannot be reached ({e}); try again shortly",
+        ) from e

@@ -174,14 +174,39 @@ def launch() -> Callable[..., Any]:
 
 
 @pytest.fixture
-def service(tmp_path: Path, db_url: str) -> Callable[..., Any]:
+def vector_backend(request: pytest.FixtureRequest) -> str:
+    """faiss unless a test parametrizes it (`@pytest.mark.parametrize("vector_backend", [...], indirect=True)`)."""
+    return str(getattr(request, "param", "faiss"))
+
+
+def backend_settings(request: pytest.FixtureRequest, backend: str) -> dict[str, Any]:
+    """The settings that put a service on `backend`: Milvus is the session's shared server (own prefix)."""
+    if backend == "faiss":
+        return {}
+    import uuid
+
+    uri = request.getfixturevalue("milvus_uri")
+    return {"vector_backend": "milvus", "milvus_uri": uri, "milvus_prefix": f"t_{uuid.uuid4().hex[:12]}"}
+
+
+@pytest.fixture
+def service(
+    request: pytest.FixtureRequest, tmp_path: Path, db_url: str, vector_backend: str
+) -> Callable[..., Any]:
     """`with service(**settings) as client:` a running app on a fresh data dir and catalog."""
+    backend = backend_settings(request, vector_backend)
 
     def start(**overrides: Any) -> Any:
         deps = overrides.pop("dependency_overrides", None)
-        return running(make_settings(tmp_path / "data", db_url, **overrides), deps)
+        return running(make_settings(tmp_path / "data", db_url, **{**backend, **overrides}), deps)
 
     return start
+
+
+@pytest.fixture(scope="session")
+def settings_for_backend() -> Callable[[pytest.FixtureRequest, str], dict[str, Any]]:
+    """`settings_for_backend(request, "faiss" | "milvus")` -> the service settings for that vector backend."""
+    return backend_settings
 
 
 class Api:

@@ -15,13 +15,25 @@ from synth.media import write_pattern_video
 TOP_K = 4  # the tiny preset's k
 
 
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def library(request, new_database, launch, tmp_path_factory, clips, api) -> Iterator[dict[str, Any]]:
-    """A running app holding the 12 generated clips plus one 40 s video (three segments)."""
+@pytest.fixture(
+    scope="module",
+    params=[
+        ("sqlite", "faiss"),
+        ("sqlite", "milvus"),
+        pytest.param(("postgres", "faiss"), marks=pytest.mark.postgres),
+    ],
+    ids=lambda p: "-".join(p),
+)
+def library(
+    request, new_database, launch, tmp_path_factory, clips, api, settings_for_backend
+) -> Iterator[dict[str, Any]]:
+    """A running app holding the 12 generated clips plus one 40 s video (three segments), on each catalog
+    and each vector backend (FAISS in the process, Milvus)."""
+    db, backend = request.param
     folder = tmp_path_factory.mktemp("search_lib")
     long_video = folder / "long.mp4"
     write_pattern_video(long_video, 40.0, 64, 64, 12)
-    with launch(folder / "data", new_database(request.param)) as client:
+    with launch(folder / "data", new_database(db), **settings_for_backend(request, backend)) as client:
         paths = [c["path"] for c in clips] + [long_video]
         titles = [c["caption"] for c in clips] + ["a long pattern video"]
         ids = api.ingest(client, paths, titles)
@@ -154,6 +166,7 @@ def test_filtered_rerank_uses_the_top_k_that_pass_the_filter(library):
     assert sum(h["delta"] is not None for h in results) == TOP_K
 
 
+@pytest.mark.parametrize("vector_backend", ["faiss", "milvus"], indirect=True)
 def test_empty_library_answers_200_with_no_results(service):
     with service() as client:
         r = client.post("/search", json={"query": "a red square moves left"})

@@ -49,6 +49,7 @@ def _incoming(tmp_path: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
 
 
+@pytest.mark.parametrize("vector_backend", ["faiss", "milvus"], indirect=True)
 def test_upload_then_duplicate(service, clips, api):
     with service() as client:
         first = api.upload(client, clips[0]["path"], title="My clip")
@@ -222,6 +223,7 @@ def test_unknown_ids_are_404(shared):
     assert shared.get(f"/videos/{2**63}").status_code == 422
 
 
+@pytest.mark.parametrize("vector_backend", ["faiss", "milvus"], indirect=True)
 def test_delete_removes_the_video_from_search_at_once(service, clips, api):
     with service() as client:
         keep, gone = api.ingest(client, [clips[0]["path"], clips[1]["path"]])

@@ -1,0 +1,96 @@
+"""Keeping a Milvus collection equal to the catalog: compare ids, repair from the token store, rebuild."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from indexer import catalog
+from indexer.catalog import Segment, Video
+from indexer.db import session_scope
+from indexer.milvus_index import MilvusIndex, SegmentRow
+from indexer.paths import DataDir
+from indexer.token_store import TokenStore
+
+logger = logging.getLogger(__name__)
+
+_BATCH = 512  # segments per insert: one call stays well under Milvus's 64 MB message limit at D=512
+
+
+def segment_rows(session_factory: sessionmaker[Session], ids: Sequence[int]) -> list[SegmentRow]:
+    """The collection's scalar fields for live catalog segments, in id order (deleted videos left out)."""
+    out: list[SegmentRow] = []
+    cols = (Segment.id, Segment.video_id, Segment.start_s, Segment.end_s, Video.created_at, Video.duration_s)
+    with session_scope(session_factory) as session:
+        for start in range(0, len(ids), 900):
+            chunk = [int(i) for i in ids[start : start + 900]]
+            stmt = select(*cols).join(Video, Segment.video_id == Video.id)
+            stmt = stmt.where(Segment.id.in_(chunk), Video.status != "deleted").order_by(Segment.id)
+            out += [
+                SegmentRow(r[0], r[1], float(r[2]), float(r[3]), r[4], r[5]) for r in session.execute(stmt)
+            ]
+    return out
+
+
+def compare(index: MilvusIndex, segment_ids: np.ndarray) -> tuple[list[int], list[int]]:
+    """(catalog segments the collection lacks, collection rows the catalog does not have)."""
+    held = index.ids()
+    return np.setdiff1d(segment_ids, held).tolist(), np.setdiff1d(held, segment_ids).tolist()
+
+
+def copy_from_store(
+    index: MilvusIndex,
+    data: DataDir,
+    session_factory: sessionmaker[Session],
+    model_id: str,
+    ids: Sequence[int],
+) -> int:
+    """Insert catalog segments into the collection from the token store; returns how many were written."""
+    with session_scope(session_factory) as session:
+        model = catalog.get_model(session, model_id)
+    if model is None or not ids:
+        return 0
+    written = 0
+    with TokenStore(data.tokens_dir(model_id), model.num_frames, model.dim, readonly=True) as store:
+        for start in range(0, len(ids), _BATCH):
+            rows = segment_rows(session_factory, ids[start : start + _BATCH])
+            if not rows:
+                continue
+            tokens, cls = store.get([r.id for r in rows])
+            index.add(rows, cls, tokens)
+            written += len(rows)
+    return written
+
+
+def repair(
+    index: MilvusIndex,
+    data: DataDir,
+    session_factory: sessionmaker[Session],
+    model_id: str,
+    missing: Sequence[int],
+    extra: Sequence[int],
+) -> list[str]:
+    """Delete the stray rows, copy in the missing ones; the actions taken, in words."""
+    actions = []
+    if extra:
+        index.delete(extra)
+        actions.append(f"deleted {len(extra)} Milvus row(s) the catalog does not have")
+    if missing:
+        n = copy_from_store(index, data, session_factory, model_id, missing)
+        actions.append(f"copied {n} segment(s) the Milvus collection lacked from the token store")
+    return actions
+
+
+def rebuild(index: MilvusIndex, data: DataDir, session_factory: sessionmaker[Session], model_id: str) -> int:
+    """Drop the collection and fill a new one with every catalog segment of the model (also: FAISS -> Milvus)."""
+    with session_scope(session_factory) as session:
+        ids = catalog.segment_ids_for_model(session, model_id)
+    index.drop()
+    index.open()
+    n = copy_from_store(index, data, session_factory, model_id, ids)
+    logger.info("rebuilt Milvus collection %s: %d segments", index.name, n)
+    return n
