@@ -105,7 +105,7 @@ def _bar(what: str) -> Any:
 def index_library(factory: Any, data: Any, model: TokenBinder, clips_dir: Path) -> tuple[Any, bool]:
     """`indexer add` on the clips (files already indexed are skipped by sha256); switch models if needed."""
     from indexer.bulk import add_paths, reindex
-    from indexer.live_index import register_model
+    from indexer.catalog import register_model
 
     reindexed = False
     if not register_model(factory, model, require_active=False):

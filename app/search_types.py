@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
-
-from indexer.catalog import Segment, Video
+from indexer.catalog import SegmentInfo
 
 logger = logging.getLogger(__name__)
 
@@ -39,20 +35,6 @@ class SearchQuery:
     filter: SearchFilter = field(default_factory=SearchFilter)
     offset: int = 0  # hits to skip (a page token's position)
     min_score: float | None = None  # hits scoring below it are not results; None: no cut-off
-
-
-@dataclass(frozen=True)
-class SegmentInfo:
-    id: int
-    video_id: int
-    title: str | None
-    ordinal: int
-    start_s: float
-    end_s: float
-    has_thumbnail: bool
-    duration_s: float | None
-    created_at: datetime
-    meta: dict[str, Any] | None = None  # the video's meta; loaded only for a query that filters on it
 
 
 @dataclass(frozen=True)
@@ -88,38 +70,3 @@ def passes(info: SegmentInfo, f: SearchFilter) -> bool:
         return False
     # Equality on strings only: {"fps": 30} stored as a number never equals the filter's "30".
     return f.meta is None or all((info.meta or {}).get(key) == value for key, value in f.meta)
-
-
-def load_segment_infos(
-    session_factory: sessionmaker[Session], ids: Sequence[int], with_meta: bool = False
-) -> dict[int, SegmentInfo]:
-    """Catalog rows for segment ids; ids whose segment was deleted are simply absent.
-
-    One joined SELECT of the columns a result needs (not ORM objects): this runs once per batch, on
-    the latency path of every query. The videos' JSON meta is read only when a query filters on it.
-    """
-    out: dict[int, SegmentInfo] = {}
-    cols: tuple[Any, ...] = (Segment.id, Segment.video_id, Video.title, Video.filename, Segment.ordinal,
-                             Segment.start_s, Segment.end_s, Segment.thumbnail, Video.duration_s,
-                             Video.created_at)  # fmt: skip
-    if with_meta:
-        cols = (*cols, Video.meta)
-    with session_factory() as session:
-        for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit is 999 on old builds
-            chunk = [int(i) for i in ids[start : start + 900]]
-            stmt = select(*cols).join(Video, Segment.video_id == Video.id)
-            stmt = stmt.where(Segment.id.in_(chunk), Video.status != "deleted")
-            for row in session.execute(stmt):
-                out[row.id] = SegmentInfo(
-                    id=row.id,
-                    video_id=row.video_id,
-                    title=row.title or row.filename,
-                    ordinal=row.ordinal,
-                    start_s=float(row.start_s),
-                    end_s=float(row.end_s),
-                    has_thumbnail=bool(row.thumbnail),
-                    duration_s=row.duration_s,
-                    created_at=row.created_at,
-                    meta=row.meta if with_meta else None,
-                )
-    return out

@@ -18,10 +18,10 @@ from app.search_types import (
     Hit,
     SearchOutcome,
     SearchQuery,
-    SegmentInfo,
-    load_segment_infos,
     passes,
 )
+from indexer import catalog
+from indexer.catalog import SegmentInfo
 from indexer.token_store import MissingRecordError
 from model.openmp import release_openmp_threads
 from model.tokenbinder import TokenBinder
@@ -178,7 +178,8 @@ class Searcher:
             t = time.perf_counter()
             wanted = {int(i) for r in rows for i in ids[r][: fetch[r]] if i >= 0}
             with_meta = any(pending[r].query.filter.meta is not None for r in rows)
-            infos = load_segment_infos(self._factory, sorted(wanted), with_meta)
+            with self._factory() as session:
+                infos = catalog.segment_infos(session, sorted(wanted), with_meta)
             timings["catalog"] += _ms(t)
             retry = []
             for r in rows:

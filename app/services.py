@@ -14,13 +14,14 @@ from app.ingestion import Ingestor
 from app.metrics import Metrics
 from app.searcher import Searcher
 from app.settings import Settings
+from indexer.catalog import register_model
 from indexer.db import make_engine, make_session_factory
 from indexer.live_index import LiveIndex
 from indexer.milvus_index import MilvusIndex
 from indexer.paths import DataDir
 from indexer.schema import ensure_schema
 from indexer.url_fetch import UrlFetcher
-from indexer.worker import Worker, register_model
+from indexer.worker import Worker
 from model.checkpoint import load_model
 from model.inference import prepare_for_inference
 from model.openmp import release_openmp_threads

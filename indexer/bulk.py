@@ -19,11 +19,11 @@ from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from indexer import catalog, jobs
-from indexer.catalog import Job, Segment, Video
+from indexer.catalog import Job, Segment, Video, register_model
 from indexer.db import session_scope
 from indexer.failures import not_decodable
 from indexer.ingest import IngestError, StoreMode, ingest_file, scan
-from indexer.live_index import register_model, save_snapshot
+from indexer.live_index import save_snapshot
 from indexer.milvus_index import MilvusIndex
 from indexer.paths import DataDir
 from indexer.pipeline import PipelineConfig, TaskResult, VectorSink, VideoTask

@@ -1,4 +1,8 @@
-"""The catalog: SQLAlchemy models for videos, segments, jobs, changes and models, and their data functions."""
+"""The catalog: SQLAlchemy models for videos, segments, jobs, changes and models, and their data functions.
+
+Over 400 lines on purpose: the schema and every query on it stay in one module, so that a column and the
+queries that read it change together (and Alembic's autogenerate sees one metadata).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     JSON,
@@ -27,10 +31,21 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.mutable import MutableDict
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    selectinload,
+    sessionmaker,
+)
 
-from indexer.db import UTCDateTime, utcnow
+from indexer.db import UTCDateTime, session_scope, utcnow
 from indexer.errors import IndexerError, UserError
+
+if TYPE_CHECKING:
+    from model.tokenbinder import TokenBinder
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +215,10 @@ class IdAllocationError(IndexerError, RuntimeError):
 
 class ModelMismatchError(IndexerError, UserError, ValueError):
     """A model id is already registered with different dimensions."""
+
+
+class IndexMismatchError(IndexerError, UserError, RuntimeError):
+    """The loaded model is not the one the catalog's index belongs to."""
 
 
 @dataclass(frozen=True)
@@ -441,3 +460,73 @@ def catalog_stats(session: Session) -> CatalogStats:
         segments=session.scalar(select(func.count()).select_from(Segment)) or 0,
         jobs_by_state=job_counts(session),
     )
+
+
+def register_model(
+    session_factory: sessionmaker[Session], model: TokenBinder, *, require_active: bool
+) -> bool:
+    """Record the model; activate it if none is active. Returns whether it is the active one.
+
+    With `require_active`, a different active model raises IndexMismatchError.
+    """
+    cfg = model.config
+    with session_scope(session_factory) as session:
+        ensure_model(session, model.model_id, cfg.backbone, cfg.embed_dim, cfg.num_frames)
+        active = get_active_model(session)
+        if active is None:
+            activate_model(session, model.model_id)
+            return True
+        if active.id != model.model_id and require_active:
+            raise IndexMismatchError(
+                f"the catalog's active model is {active.id!r} but this process loaded {model.model_id!r}; "
+                f"start it with that model, or switch the library with `indexer reindex --model <spec>`"
+            )
+        return active.id == model.model_id
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """What a search result needs of a segment's catalog rows (the segment and its video)."""
+
+    id: int
+    video_id: int
+    title: str | None
+    ordinal: int
+    start_s: float
+    end_s: float
+    has_thumbnail: bool
+    duration_s: float | None
+    created_at: datetime
+    meta: dict[str, Any] | None = None  # the video's meta; loaded only for a query that filters on it
+
+
+def segment_infos(session: Session, ids: Sequence[int], with_meta: bool = False) -> dict[int, SegmentInfo]:
+    """Catalog rows for segment ids; ids whose segment was deleted are simply absent.
+
+    One joined SELECT of the columns a result needs (not ORM objects): this runs once per batch, on
+    the latency path of every query. The videos' JSON meta is read only when a query filters on it.
+    """
+    out: dict[int, SegmentInfo] = {}
+    cols: tuple[Any, ...] = (Segment.id, Segment.video_id, Video.title, Video.filename, Segment.ordinal,
+                             Segment.start_s, Segment.end_s, Segment.thumbnail, Video.duration_s,
+                             Video.created_at)  # fmt: skip
+    if with_meta:
+        cols = (*cols, Video.meta)
+    for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit is 999 on old builds
+        chunk = [int(i) for i in ids[start : start + 900]]
+        stmt = select(*cols).join(Video, Segment.video_id == Video.id)
+        stmt = stmt.where(Segment.id.in_(chunk), Video.status != "deleted")
+        for row in session.execute(stmt):
+            out[row.id] = SegmentInfo(
+                id=row.id,
+                video_id=row.video_id,
+                title=row.title or row.filename,
+                ordinal=row.ordinal,
+                start_s=float(row.start_s),
+                end_s=float(row.end_s),
+                has_thumbnail=bool(row.thumbnail),
+                duration_s=row.duration_s,
+                created_at=row.created_at,
+                meta=row.meta if with_meta else None,
+            )
+    return out

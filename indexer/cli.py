@@ -178,7 +178,7 @@ def cmd_migrate(env: Env) -> int:
 
 def cmd_add(env: Env) -> int:
     from indexer.bulk import add_paths
-    from indexer.live_index import register_model
+    from indexer.catalog import register_model
 
     factory, model, bar = env.sessions(), env.model(), Progress(env, "indexing")
     a = env.args
@@ -212,7 +212,7 @@ def cmd_add(env: Env) -> int:
 
 
 def cmd_worker(env: Env) -> int:
-    from indexer.live_index import register_model
+    from indexer.catalog import register_model
     from indexer.worker import Worker
 
     stop = threading.Event()
@@ -273,7 +273,7 @@ def cmd_reindex(env: Env) -> int:
     if a.backend == "milvus":
         if engine is not None:
             raise UsageError("--engine ray does not write to Milvus yet: reindex locally, or on FAISS")
-        from indexer.live_index import register_model
+        from indexer.catalog import register_model
 
         register_model(factory, model, require_active=False)
         milvus = env.milvus(factory, model.model_id)

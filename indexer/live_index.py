@@ -15,6 +15,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from indexer import catalog
+from indexer.catalog import IndexMismatchError
 from indexer.changes import ChangeFollower, FeedLag, latest_seq
 from indexer.db import session_scope
 from indexer.errors import IndexerError, UserError
@@ -30,7 +31,6 @@ from indexer.vector_index import (
     VectorIndex,
     build_index_from,
 )
-from model.tokenbinder import TokenBinder
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +38,6 @@ _READ_CHUNK = 4096
 # Candidates an approximate index returns for exact re-scoring from the stored CLS vectors when `rerank`
 # is not set: docs/deploy.md section 4 measured R@10 0.97-1.00 with 40 on compressed indexes.
 DEFAULT_RERANK = 40
-
-
-class IndexMismatchError(IndexerError, UserError, RuntimeError):
-    """The loaded model is not the one the catalog's index belongs to."""
 
 
 class IndexConfigError(IndexerError, UserError, ValueError):
@@ -61,28 +57,6 @@ def read_cls(store: TokenStore, ids: Sequence[int] | np.ndarray) -> tuple[np.nda
     if not kept:
         return np.zeros(0, np.int64), np.zeros((0, store.dim), np.float32)
     return np.concatenate(kept), np.concatenate(vecs)
-
-
-def register_model(
-    session_factory: sessionmaker[Session], model: TokenBinder, *, require_active: bool
-) -> bool:
-    """Record the model; activate it if none is active. Returns whether it is the active one.
-
-    With `require_active`, a different active model raises IndexMismatchError.
-    """
-    cfg = model.config
-    with session_scope(session_factory) as session:
-        catalog.ensure_model(session, model.model_id, cfg.backbone, cfg.embed_dim, cfg.num_frames)
-        active = catalog.get_active_model(session)
-        if active is None:
-            catalog.activate_model(session, model.model_id)
-            return True
-        if active.id != model.model_id and require_active:
-            raise IndexMismatchError(
-                f"the catalog's active model is {active.id!r} but this process loaded {model.model_id!r}; "
-                f"start it with that model, or switch the library with `indexer reindex --model <spec>`"
-            )
-        return active.id == model.model_id
 
 
 class LiveIndex:

@@ -14,11 +14,11 @@ import watchfiles
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from indexer.catalog import Video
+from indexer.catalog import Video, register_model
 from indexer.db import session_scope
 from indexer.failures import failure_reason, skip_reason
 from indexer.ingest import Found, IngestError, classify, delete_video, ingest_file
-from indexer.live_index import register_model, save_snapshot
+from indexer.live_index import save_snapshot
 from indexer.paths import DataDir
 from indexer.pipeline import PipelineConfig, TaskResult
 from indexer.worker import Worker

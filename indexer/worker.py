@@ -16,12 +16,11 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from indexer import catalog, jobs
-from indexer.catalog import Job
+from indexer.catalog import IndexMismatchError, Job, register_model
 from indexer.db import session_scope, utcnow
 from indexer.downloads import Download, download_job
 from indexer.errors import IndexerError
 from indexer.failures import failure_reason
-from indexer.live_index import IndexMismatchError, register_model
 from indexer.milvus_index import MilvusUnavailableError
 from indexer.paths import DataDir
 from indexer.pipeline import (

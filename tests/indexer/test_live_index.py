@@ -13,10 +13,11 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from indexer import catalog
+from indexer.catalog import IndexMismatchError
 from indexer.db import make_engine, make_session_factory, session_scope
 from indexer.index_device import IndexDeviceError
 from indexer.ingest import delete_video, ingest_file
-from indexer.live_index import IndexConfigError, IndexMismatchError, LiveIndex, open_for_model
+from indexer.live_index import IndexConfigError, LiveIndex, open_for_model
 from indexer.paths import DataDir
 from indexer.token_store import TokenStore
 from indexer.vector_index import VectorIndex

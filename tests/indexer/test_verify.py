@@ -12,10 +12,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from indexer import catalog
 from indexer.bulk import reindex
-from indexer.catalog import Job
+from indexer.catalog import IndexMismatchError, Job
 from indexer.db import make_engine, make_session_factory, session_scope
 from indexer.ingest import delete_video, ingest_file
-from indexer.live_index import IndexMismatchError, LiveIndex, save_snapshot
+from indexer.live_index import LiveIndex, save_snapshot
 from indexer.paths import DataDir
 from indexer.token_store import TokenStore
 from indexer.verify import UnknownModelError, verify

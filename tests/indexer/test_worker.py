@@ -14,10 +14,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from indexer import jobs
-from indexer.catalog import Job, Segment, Video
+from indexer.catalog import IndexMismatchError, Job, Segment, Video
 from indexer.db import make_engine, make_session_factory, session_scope, utcnow
 from indexer.ingest import delete_video, ingest_file
-from indexer.live_index import IndexMismatchError
 from indexer.paths import DataDir
 from indexer.pipeline import Encoder, PipelineConfig
 from indexer.worker import Worker
