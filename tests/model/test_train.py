@@ -10,7 +10,8 @@ from model.calibration import read_calibration
 from model.checkpoint import load_model
 from model.data import FrameCache, prepare_clips
 from model.manifest import read_manifest
-from model.train import ResumeError, TrainConfig, cosine_with_warmup, main, param_groups, train
+from model.train import main
+from model.training import ResumeError, TrainConfig, cosine_with_warmup, param_groups, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
