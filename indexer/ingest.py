@@ -1,4 +1,8 @@
-"""Bringing files in: find videos, hash them, store them durably, and queue an ingest job; and deleting."""
+"""Bringing files in: find videos, hash them, store them durably, and queue an ingest job; and deleting.
+
+A little over 400 lines: taking a file in and deleting a video share the storage rules (copy, move or in
+place; what a crash between steps leaves), which read best side by side.
+"""
 
 from __future__ import annotations
 

@@ -4,6 +4,9 @@ The catalog stays the source of truth; a collection is a cache that `indexer reb
 re-creates from the token store. Writers insert here *before* committing the catalog rows, and the
 searcher drops every hit the catalog does not have as a live segment, so a crash in between leaves
 nothing searchable (`indexer verify --repair` removes the stray rows).
+
+A little over 400 lines: one backend class (schema, writes, search, tokens) behind the searcher's seam;
+the catalog comparison and rebuild are apart (milvus_sync.py).
 """
 
 from __future__ import annotations

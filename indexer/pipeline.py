@@ -1,4 +1,8 @@
-"""Ingestion stages: reader (decode + segment) -> encoder (batched forward) -> writer (tokens, then catalog)."""
+"""Ingestion stages: reader (decode + segment) -> encoder (batched forward) -> writer (tokens, then catalog).
+
+A little over 400 lines: the three stages and the function that wires them, as clip-retrieval keeps them;
+each stage is tested alone (tests/indexer/test_pipeline.py).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""The job worker: claims ingest jobs under a lease, runs them through the pipeline, heartbeats, retries."""
+"""The job worker: claims ingest jobs under a lease, runs them through the pipeline, heartbeats, retries.
+
+A little over 400 lines: one class whose lease, cancel checks and outcome handling share its lock and
+in-flight table; the download stage and the failure texts already live apart (downloads.py, failures.py).
+"""
 
 from __future__ import annotations
 
