@@ -19,10 +19,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check app model indexer tests bench
+	$(BIN)/ruff format --check app model indexer synth tests bench
 
 typecheck: $(STAMP)
-	$(BIN)/mypy app indexer model
+	$(BIN)/mypy app indexer model synth
 
 # hadolint on the Dockerfiles, docker-compose.yml through docker-compose and the compose-spec schema.
 validate-deploy: $(STAMP)
