@@ -128,7 +128,9 @@ def run_block(shell: Shell, lines: list[str], query: str) -> list[str]:
             continue
         with shell.serving(line) as base:
             r = httpx.post(f"{base}/search", json={"query": query, "limit": 3}, timeout=60)
-            assert r.status_code == 200 and r.json()["results"], (line, r.status_code, r.text[:300])
+            # Hits, as results or (below the model's calibrated cut-off: a short query) as best guesses.
+            body = r.json() if r.status_code == 200 else {}
+            assert body.get("results") or body.get("best_guesses"), (line, r.status_code, r.text[:300])
     return ran
 
 

@@ -24,6 +24,10 @@ from schemathesis.specs.openapi.checks import (
 from app.deps import get_fetcher
 from indexer.url_fetch import UrlFetcher
 
+# The server runs private, as a real one with a key does: every request carries the key, and schemathesis's
+# ignored_auth check sends wrong ones to see them refused.
+KEY = "fuzz-key-" + "f" * 24
+AUTH = {"X-API-Key": KEY}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
@@ -47,19 +51,20 @@ def fuzz_server(new_database, serve, tmp_path_factory, clips, api) -> Iterator[s
         worker=False,
         allowed_roots=[root],
         max_upload_bytes=64 * 1024,
+        api_key=KEY,
     ) as base:
         import httpx
 
         # Some real rows, so ids that exist are found too.
         with open(clips[1]["path"], "rb") as f:
-            assert httpx.post(f"{base}/videos", files={"file": ("a.mp4", f)}).status_code == 202
+            assert httpx.post(f"{base}/videos", files={"file": ("a.mp4", f)}, headers=AUTH).status_code == 202
         yield base
 
 
 def test_api_conforms_to_its_schema(fuzz_server: str) -> None:
     # Operations are enumerated at run time: the schema comes from the running server. (schemathesis's
     # pytest.from_fixture does not work with this pytest version.)
-    schema = schemathesis.openapi.from_url(f"{fuzz_server}/openapi.json")
+    schema = schemathesis.openapi.from_url(f"{fuzz_server}/openapi.json", headers=AUTH)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 9
     statuses: dict[str, set[int]] = {}
@@ -76,7 +81,7 @@ def test_api_conforms_to_its_schema(fuzz_server: str) -> None:
             database=None,
         )
         def run(case: Any) -> None:
-            response = case.call_and_validate(checks=CHECKS)
+            response = case.call_and_validate(checks=CHECKS, headers=AUTH)
             statuses.setdefault(case.operation.label, set()).add(response.status_code)
 
         run()
@@ -100,6 +105,7 @@ def _schemathesis_cli(base: str, seed: int, report: Any) -> subprocess.Completed
             "--request-timeout=20",
             "--suppress-health-check=all",
             "--no-color",
+            f"--header=X-API-Key: {KEY}",
             f"--report-junit-path={report}",
         ],
         capture_output=True,
