@@ -64,7 +64,7 @@ class Settings(SharedSettings):
     index_device: str = "auto"
     index_nprobe: int | None = Field(default=None, ge=1)  # IVF lists scanned; None: the snapshot's, else 1
     index_ef_search: int | None = Field(default=None, ge=1)  # HNSW candidate pool; None: snapshot's, else 16
-    # Approximate candidates re-scored exactly from the stored CLS vectors; None: 0 for Flat, else 40.
+    # Approximate candidates re-scored exactly from the stored CLS vectors; None: 0 for Flat, else 100.
     index_rerank: int | None = Field(default=None, ge=0)
     top_k: int | None = Field(default=None, ge=1)  # None: the model's own k
     # 1 turns micro-batching off. 8 rather than larger: with many clients two batches overlap (one encodes

@@ -36,7 +36,7 @@ from bench.scale_data import (
 )
 from indexer.live_index import read_cls
 from indexer.token_store import TokenStore
-from indexer.vector_index import ADD_SLICE, VectorIndex, build_index_from
+from indexer.vector_index import VectorIndex, build_index_from
 
 K = 10
 
@@ -133,7 +133,8 @@ def live_apply(
     return {
         "apply_batch": args.apply_batch,
         "apply_batches": args.apply_batches,
-        "apply_slice": args.apply_slice,
+        "apply_slice": args.apply_slice or "time",
+        "switch_interval_ms": sys.getswitchinterval() * 1e3,
         "apply_ms_p50": round(float(np.median([(e - s) * 1e3 for s, e in windows])), 1),
         "searches_during": len(during),
         "p99_during_ms": round(p99_during, 2),
@@ -145,6 +146,8 @@ def live_apply(
 def child_build(args: argparse.Namespace) -> None:
     """Build, save, search and live-apply one (size, kind); one JSON row per knob setting on stdout."""
     n, kind = args.sizes[0], args.kinds[0]
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval / 1e3)
     factory = factory_of(kind, args)
     work = args.work_dir
     queries = np.load(work / f"queries-{args.queries}.npy")
@@ -276,7 +279,13 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
     p.add_argument("--apply-batch", type=int, default=1000, help="adds per live batch")
     p.add_argument("--apply-batches", type=int, default=5, help="live batches (0: skip the live test)")
     p.add_argument(
-        "--apply-slice", type=int, default=ADD_SLICE, help="adds per hold of the write lock (the service's)"
+        "--apply-slice",
+        type=int,
+        default=None,
+        help="adds per hold of the write lock (default: the service's live add, sliced by time)",
+    )
+    p.add_argument(
+        "--switch-interval", type=float, help="ms: the GIL switch interval of the build child (Python's: 5)"
     )
     p.add_argument("--quiet-s", type=float, default=1.0, help="seconds of searching between batches")
     p.add_argument("--child", choices=["build", "load"], help=argparse.SUPPRESS)

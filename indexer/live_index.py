@@ -40,8 +40,9 @@ logger = logging.getLogger(__name__)
 
 _READ_CHUNK = 4096
 # Candidates an approximate index returns for exact re-scoring from the stored CLS vectors when `rerank`
-# is not set: docs/deploy.md section 4 measured R@10 0.97-1.00 with 40 on compressed indexes.
-DEFAULT_RERANK = 40
+# is not set. At 1M segments `IVF4096,PQ64np` found 0.99 of the exact top-10 with 100 and 0.92 with 50
+# (docs/BENCHMARKS.md, "Library scale"); 5M needed 300 there, set per library with --index-rerank.
+DEFAULT_RERANK = 100
 
 
 class IndexConfigError(IndexerError, UserError, ValueError):

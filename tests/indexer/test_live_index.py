@@ -212,7 +212,7 @@ def test_the_default_rerank_is_on_for_approximate_factories_only(synthetic_libra
     root, url, _ = synthetic_library
     live, close = _open_synthetic(root, url, "HNSW16", ef_search=24)
     try:
-        assert live.search_settings() == {"nprobe": None, "ef_search": 24, "rerank": 40}
+        assert live.search_settings() == {"nprobe": None, "ef_search": 24, "rerank": 100}
     finally:
         close()
 

@@ -12,6 +12,7 @@ import faiss
 import numpy as np
 import pytest
 
+from indexer import vector_index
 from indexer.vector_index import (
     CorruptSnapshotError,
     DuplicateIdError,
@@ -319,6 +320,59 @@ def test_searches_run_between_the_slices_of_a_large_add() -> None:
     assert len(index) == 6000
     partial = [n for n in seen if 1000 < n < 6000]
     assert len(set(partial)) >= 3, seen[:20]  # searches ran between slices, not only before or after
+
+
+def test_a_live_ivf_pq_add_encodes_outside_the_lock_and_matches_a_plain_add(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = _mixture(4000, 16)
+    trained = VectorIndex(D, "IVF16,PQ8x4np", nprobe=4)
+    trained.train(db)
+    trained.save(tmp_path / "t.faiss", {})
+    plain, _ = VectorIndex.load(tmp_path / "t.faiss")
+    live, _ = VectorIndex.load(tmp_path / "t.faiss")
+    held: list[bool] = []
+    encode = VectorIndex._encode
+
+    def spy(self: VectorIndex, x: np.ndarray) -> object:
+        held.append(self._lock._writer)
+        return encode(self, x)
+
+    monkeypatch.setattr(VectorIndex, "_encode", spy)
+    plain.add(np.arange(3000), db[:3000], slice_size=3000)
+    assert held == []  # a build's add puts the vectors in whole
+    live.add(np.arange(3000), db[:3000])
+    assert held == [False]  # a live add encoded the batch before taking the write lock
+    assert len(live) == 3000
+    for a, b in zip(plain.search(db[3000:3050], 10), live.search(db[3000:3050], 10), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(DuplicateIdError):
+        live.add([5, 3500], db[:2])
+    assert 3500 not in live
+
+
+@pytest.mark.parametrize("seconds", [1e-9, 10.0])
+def test_a_live_add_sizes_its_slices_by_time_on_one_openmp_thread(
+    seconds: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = _mixture(1300, 8)
+    index = build_index(D, "HNSW16", np.arange(100), db[:100])
+    holds: list[int] = []  # OpenMP threads of the adding thread, once per hold of the write lock
+    write = index._lock.write
+
+    def spy() -> object:
+        holds.append(faiss.omp_get_max_threads())
+        return write()
+
+    monkeypatch.setattr(index._lock, "write", spy)
+    monkeypatch.setattr(vector_index, "ADD_SLICE_SECONDS", seconds)
+    before = faiss.omp_get_max_threads()
+    index.add(np.arange(100, 1300), db[100:])
+    assert faiss.omp_get_max_threads() == before  # restored for whatever the caller runs next
+    assert set(holds) == {1}
+    # A slice far over its time is followed by slices of one vector; far under, by the largest slices.
+    assert len(holds) == (1 + 1192 if seconds < 1 else 2)
+    assert len(index) == 1300
 
 
 @pytest.mark.skipif(hasattr(faiss, "StandardGpuResources"), reason="faiss has GPU support here")
