@@ -26,11 +26,10 @@ from indexer.errors import IndexerError, UserError
 from indexer.feed_compaction import prune_model, retention_from_env
 from indexer.index_device import resolve_index_device
 from indexer.paths import DataDir
+from indexer.snapshot import CorruptSnapshotError, SnapshotNotFoundError
 from indexer.token_store import TokenStore
 from indexer.vector_index import (
-    CorruptSnapshotError,
     DuplicateIdError,
-    SnapshotNotFoundError,
     TrainingError,
     VectorIndex,
     build_index_from,

@@ -19,8 +19,9 @@ from indexer.ingest import release_pending
 from indexer.live_index import save_snapshot
 from indexer.milvus_index import MilvusIndex
 from indexer.paths import DataDir
+from indexer.snapshot import CorruptSnapshotError, SnapshotNotFoundError
 from indexer.token_store import TokenStore
-from indexer.vector_index import CorruptSnapshotError, SnapshotNotFoundError, VectorIndex
+from indexer.vector_index import VectorIndex
 
 logger = logging.getLogger(__name__)
 

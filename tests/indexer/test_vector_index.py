@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 
 from indexer import vector_index
+from indexer.snapshot import CorruptSnapshotError, SnapshotNotFoundError
 from indexer.vector_index import (
-    CorruptSnapshotError,
     DuplicateIdError,
-    SnapshotNotFoundError,
     TrainingError,
     VectorIndex,
     build_index,
