@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Query
 
 from app import library
 from app.deps import READ_PROBLEMS, WRITE_PROBLEMS, KeyAccess, SessionDep, WriteAccess
-from app.errors import ApiError
+from app.errors import ApiError, user_error
 from app.job_control import cancel_job, retry_job
 from app.schemas import JobPublic, JobsPublic, JobState, Problem
 from indexer.jobs import JobStateError
@@ -41,7 +41,10 @@ def list_jobs(
 
 @router.get("/jobs/{job_id}", response_model=JobPublic, responses=_problem(404, "no such job"))
 def get_job(job_id: IdParam, session: SessionDep) -> JobPublic:
-    job = library.get_job(session, job_id=job_id)
+    return _found(library.get_job(session, job_id=job_id), job_id)
+
+
+def _found(job: JobPublic | None, job_id: int) -> JobPublic:
     if job is None:
         raise ApiError("job_not_found", f"no job {job_id}")
     return job
@@ -60,12 +63,9 @@ def get_job(job_id: IdParam, session: SessionDep) -> JobPublic:
 )
 def retry(job_id: IdParam, session: SessionDep) -> JobPublic:
     try:
-        job = retry_job(session, job_id=job_id)
-    except JobStateError as e:
-        raise ApiError("job_state_conflict", str(e)) from e
-    if job is None:
-        raise ApiError("job_not_found", f"no job {job_id}")
-    return job
+        return _found(retry_job(session, job_id=job_id), job_id)
+    except JobStateError as e:  # a UserError: its code is job_state_conflict (409)
+        raise user_error(e) from e
 
 
 @router.delete(
@@ -81,9 +81,6 @@ def retry(job_id: IdParam, session: SessionDep) -> JobPublic:
 )
 def cancel(job_id: IdParam, session: SessionDep) -> JobPublic:
     try:
-        job = cancel_job(session, job_id=job_id)
+        return _found(cancel_job(session, job_id=job_id), job_id)
     except JobStateError as e:
-        raise ApiError("job_state_conflict", str(e)) from e
-    if job is None:
-        raise ApiError("job_not_found", f"no job {job_id}")
-    return job
+        raise user_error(e) from e
