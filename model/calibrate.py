@@ -23,8 +23,9 @@ from model.calibration import (
     write_calibration,
 )
 from model.data import ClipSet, FrameCache, default_cache_dir, prepare_clips
-from model.evaluate import encode_clipset
-from model.tokenbinder import TextOutput, TokenBinder, VideoOutput
+from model.evaluate import add_encoding_arguments, add_source_arguments, encode_clipset, read_samples
+from model.outputs import TextOutput, VideoOutput
+from model.tokenbinder import TokenBinder
 
 logger = logging.getLogger(__name__)
 
@@ -103,24 +104,14 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("checkpoint", type=Path, help="checkpoint directory (config.json + model.safetensors)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--manifest", type=Path, help="validation JSONL of {video, caption[, start, end]} lines")
-    src.add_argument("--msrvtt-dir", type=Path, help="folder with MSR-VTT's annotation files")
-    p.add_argument("--msrvtt-split", default="test-1k-A", help="MSR-VTT split (default: test-1k-A)")
-    p.add_argument("--msrvtt-videos", type=Path, help="folder of videoNNNN.mp4 (default: MSRVTT_DIR/videos)")
+    add_source_arguments(p, "validation JSONL of {video, caption[, start, end]} lines")
     p.add_argument(
         "--precision",
         type=float,
         default=DEFAULT_PRECISION,
         help=f"precision target of the top-1 hit, in (0, 1] (default: {DEFAULT_PRECISION})",
     )
-    p.add_argument(
-        "--top-k", type=int, help="candidates re-scored by the focused view (default: the model's)"
-    )
-    p.add_argument("--cache-dir", type=Path, help=f"decoded-frame cache (default: {default_cache_dir()})")
-    p.add_argument("--workers", type=int, default=2, help="decoding threads (default: 2)")
-    p.add_argument("--batch-size", type=int, default=32, help="clips per encoder batch (default: 32)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA if present)")
+    add_encoding_arguments(p)
     p.add_argument(
         "--describe",
         help=f"how {CALIBRATION_FILE} names the validation set (default: the manifest path or the split)",
@@ -134,7 +125,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from model.checkpoint import CheckpointError, load_checkpoint
     from model.inference import prepare_for_inference
-    from model.manifest import read_manifest, read_msrvtt
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -146,12 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = prepare_for_inference(load_checkpoint(args.checkpoint), args.device, "fp32")
     except CheckpointError as e:
         parser.error(str(e))
-    if args.manifest is not None:
-        samples, source = read_manifest(args.manifest), str(args.manifest)
-    else:
-        samples = read_msrvtt(args.msrvtt_dir, args.msrvtt_split, args.msrvtt_videos)
-        source = f"MSR-VTT {args.msrvtt_split}"
-    source = args.describe or source
+    samples = read_samples(args)
+    named = str(args.manifest) if args.manifest is not None else f"MSR-VTT {args.msrvtt_split}"
+    source = args.describe or named
     cache = FrameCache(
         args.cache_dir or default_cache_dir(), model.config.num_frames, model.config.image_size
     )

@@ -161,19 +161,17 @@ def format_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m model.evaluate",
-        description="Text-video retrieval metrics of a TokenBinder model, broad view and two-stage.",
-    )
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory, preset, or PRESET:PRETRAINED")
+def add_source_arguments(p: argparse.ArgumentParser, manifest_help: str) -> None:
+    """Where the captions and clips come from: a manifest or MSR-VTT's release (model.evaluate, model.calibrate)."""
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--manifest", type=Path, help="JSONL manifest of {video, caption[, start, end]} lines")
+    src.add_argument("--manifest", type=Path, help=manifest_help)
     src.add_argument("--msrvtt-dir", type=Path, help="folder with MSR-VTT's annotation files")
     p.add_argument("--msrvtt-split", default="test-1k-A", help="MSR-VTT split (default: test-1k-A)")
     p.add_argument("--msrvtt-videos", type=Path, help="folder of videoNNNN.mp4 (default: MSRVTT_DIR/videos)")
-    p.add_argument("--out", type=Path, help="write the metrics JSON here")
-    p.add_argument("--group-key", help="manifest key to report t2v R@1 per value of (e.g. kind)")
+
+
+def add_encoding_arguments(p: argparse.ArgumentParser) -> None:
+    """How the clips are decoded and encoded, and how many candidates the focused view re-scores."""
     p.add_argument(
         "--top-k", type=int, help="candidates re-scored by the focused view (default: the model's)"
     )
@@ -181,6 +179,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="decoding threads (default: 2)")
     p.add_argument("--batch-size", type=int, default=32, help="clips per encoder batch (default: 32)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA if present)")
+
+
+def read_samples(args: argparse.Namespace) -> list[Sample]:
+    """The samples `add_source_arguments`' flags name."""
+    from model.manifest import read_manifest, read_msrvtt
+
+    if args.manifest is not None:
+        return read_manifest(args.manifest)
+    return read_msrvtt(args.msrvtt_dir, args.msrvtt_split, args.msrvtt_videos)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m model.evaluate",
+        description="Text-video retrieval metrics of a TokenBinder model, broad view and two-stage.",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, preset, or PRESET:PRETRAINED")
+    add_source_arguments(p, "JSONL manifest of {video, caption[, start, end]} lines")
+    p.add_argument("--out", type=Path, help="write the metrics JSON here")
+    p.add_argument("--group-key", help="manifest key to report t2v R@1 per value of (e.g. kind)")
+    add_encoding_arguments(p)
     p.add_argument(
         "--precision", default="fp32", help="fp32 (default), bf16, fp16 or auto (model.inference's pick)"
     )
@@ -190,14 +209,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from model.checkpoint import load_model
     from model.inference import prepare_for_inference
-    from model.manifest import read_manifest, read_msrvtt
 
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.manifest is not None:
-        samples = read_manifest(args.manifest)
-    else:
-        samples = read_msrvtt(args.msrvtt_dir, args.msrvtt_split, args.msrvtt_videos)
+    samples = read_samples(args)
     model = prepare_for_inference(load_model(args.checkpoint), args.device, args.precision)
     metrics = evaluate(
         model, samples, args.cache_dir, args.workers, args.top_k, args.group_key, args.batch_size
