@@ -6,6 +6,7 @@ The service checks a URL when it is posted (`check`); the worker downloads it in
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import socket
@@ -121,17 +122,8 @@ class UrlFetcher:
         cancelled: Callable[[], bool] | None = None,
     ) -> ReceivedFile:
         """Blocking: download into `incoming` (a worker thread's own event loop); see fetch()."""
-        return anyio.run(self._fetch_hooked, url, incoming, limit, on_bytes, cancelled)
-
-    async def _fetch_hooked(
-        self,
-        url: str,
-        incoming: Path,
-        limit: int,
-        on_bytes: BytesHook | None,
-        cancelled: Callable[[], bool] | None,
-    ) -> ReceivedFile:
-        return await self.fetch(url, incoming, limit, on_bytes=on_bytes, cancelled=cancelled)
+        fetch = functools.partial(self.fetch, url, incoming, limit, on_bytes=on_bytes, cancelled=cancelled)
+        return anyio.run(fetch)
 
     async def fetch(
         self,
