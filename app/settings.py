@@ -5,15 +5,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from indexer.settings import DEMO_MODEL_DIR, SharedSettings, default_model
-
-if TYPE_CHECKING:
-    from indexer.milvus_index import MilvusConfig
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +57,6 @@ class Settings(SharedSettings):
     url_max_duration_s: float = Field(default=900.0, gt=0)
     url_max_redirects: int = Field(default=5, ge=0)
     index_factory: str = "Flat"
-    # Where the FAISS index lives: auto (a GPU when faiss has GPU support and sees one), cpu, cuda, cuda:N.
-    index_device: str = "auto"
-    index_nprobe: int | None = Field(default=None, ge=1)  # IVF lists scanned; None: the snapshot's, else 1
-    index_ef_search: int | None = Field(default=None, ge=1)  # HNSW candidate pool; None: snapshot's, else 16
-    # Approximate candidates re-scored exactly from the stored CLS vectors; None: 0 for Flat, else 100.
-    index_rerank: int | None = Field(default=None, ge=0)
     top_k: int | None = Field(default=None, ge=1)  # None: the model's own k
     # 1 turns micro-batching off. 8 rather than larger: with many clients two batches overlap (one encodes
     # while the next one's requests arrive), which bench/search.py measured faster on a 2-core CPU than
@@ -80,46 +71,11 @@ class Settings(SharedSettings):
     # Start-up replays the change feed for at most this long before serving; the follower thread replays
     # the rest while /health answers 503 with the lag.
     feed_catch_up_s: float = Field(default=30.0, ge=0)
-    # Changes younger than this are kept when a snapshot prunes the feed (indexer.feed_compaction).
-    feed_retention_s: float = Field(default=600.0, ge=0)
-    # --- the vector backend: faiss (in every replica's memory, the default) or milvus (a database the
-    # replicas share; they then hold no index and follow no change feed). docs/deploy.md, "A cluster".
-    vector_backend: Literal["faiss", "milvus"] = "faiss"
-    milvus_uri: str | None = (
-        None  # a `.db` file (Milvus Lite, one process) or http://host:19530; None: <data_dir>/milvus.db
-    )
-    milvus_token: SecretStr | None = None  # user:password or an API key, for a server with authentication
-    milvus_index: str = (
-        "FLAT"  # the CLS field's index: TYPE or TYPE:key=value,... (IVF_FLAT:nlist=1024,nprobe=16)
-    )
-    milvus_prefix: str = Field(default="tvs", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")  # collection names
-    milvus_timeout_s: float = Field(default=10.0, gt=0)  # per call; a search past it answers 503
 
     @field_validator("allowed_roots", "cors_origins", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
-
-    @field_validator("index_device")
-    @classmethod
-    def _index_device(cls, value: str) -> str:
-        from indexer.index_device import IndexDeviceError, check_index_device
-
-        try:
-            return check_index_device(value)
-        except IndexDeviceError as e:
-            raise ValueError(f"TVS_INDEX_DEVICE: {e}") from e
-
-    @field_validator("milvus_index")
-    @classmethod
-    def _milvus_index(cls, value: str) -> str:
-        from indexer.milvus_index import MilvusIndexSpecError, parse_index_spec
-
-        try:
-            parse_index_spec(value)
-        except MilvusIndexSpecError as e:
-            raise ValueError(str(e)) from e
-        return value
 
     @field_validator("api_key", "read_api_key", mode="before")
     @classmethod
@@ -163,20 +119,6 @@ class Settings(SharedSettings):
             if "*" in self.cors_origins:
                 raise ValueError("TVS_CORS_ORIGINS='*' is not allowed in production; list the origins")
         return self
-
-    def milvus_config(self) -> MilvusConfig:
-        from indexer.milvus_index import MilvusConfig, parse_index_spec
-
-        kind, build, search = parse_index_spec(self.milvus_index)
-        return MilvusConfig(
-            uri=self.milvus_uri or str(self.data_dir / "milvus.db"),
-            token=self.milvus_token.get_secret_value() if self.milvus_token else "",
-            index_type=kind,
-            index_params=build,
-            search_params=search,
-            prefix=self.milvus_prefix,
-            timeout_s=self.milvus_timeout_s,
-        )
 
     @property
     def resolved_roots(self) -> list[Path]:

@@ -22,6 +22,7 @@ from indexer import catalog, jobs
 from indexer.catalog import Job, Segment, Video, register_model
 from indexer.db import session_scope
 from indexer.failures import not_decodable
+from indexer.feed_compaction import DEFAULT_RETENTION_S
 from indexer.ingest import IngestError, StoreMode, ingest_file, scan
 from indexer.live_index import save_snapshot
 from indexer.milvus_index import MilvusIndex
@@ -85,6 +86,7 @@ def add_paths(
     on_skip: Callable[[], None] | None = None,
     on_result: Callable[[TaskResult], None] | None = None,
     sink: VectorSink | None = None,
+    feed_retention_s: float = DEFAULT_RETENTION_S,
 ) -> BulkReport:
     """Ingest files (folders, globs) and index them in this process; re-running after a crash completes the run.
 
@@ -145,7 +147,7 @@ def add_paths(
     if crashed:
         raise crashed[0]
     settle(session_factory, model.model_id, by_video, report)
-    save_snapshot(data, session_factory, model.model_id)
+    save_snapshot(data, session_factory, model.model_id, feed_retention_s=feed_retention_s)
     report.indexed -= report.already
     report.seconds = time.monotonic() - started
     return report
@@ -195,6 +197,7 @@ def reindex(
     on_result: Callable[[TaskResult], None] | None = None,
     engine: EngineFactory | None = None,
     milvus: MilvusIndex | None = None,
+    feed_retention_s: float = DEFAULT_RETENTION_S,
 ) -> BulkReport:
     """Index the library with `model` (videos lacking its segments, or all); then make it the active model.
 
@@ -232,7 +235,7 @@ def reindex(
             if not _reindex_candidates(session, model.model_id, missing_only=True):
                 report.switched = catalog.activate_model(session, model.model_id) is not None
     if milvus is None:
-        save_snapshot(data, session_factory, model.model_id)
+        save_snapshot(data, session_factory, model.model_id, feed_retention_s=feed_retention_s)
     elif report.switched:
         milvus.point_alias()  # for readers outside the service; the catalog's switch is the one that counts
     report.seconds = time.monotonic() - started

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 
@@ -20,24 +18,9 @@ from indexer.paths import DataDir
 
 logger = logging.getLogger(__name__)
 
-RETENTION_ENV = "TVS_FEED_RETENTION_S"
 # A replica that is behind by less than this follows on without reloading its index, and a transaction
 # open this long still finds its change rows kept when it commits (docs/reliability.md).
-DEFAULT_RETENTION_S = 600.0
-
-
-def retention_from_env() -> float:
-    """TVS_FEED_RETENTION_S as the service's settings read it; DEFAULT_RETENTION_S when unset."""
-    value = os.environ.get(RETENTION_ENV, "").strip()
-    if not value:
-        return DEFAULT_RETENTION_S
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"{RETENTION_ENV}={value!r}: expected a number of seconds >= 0")
-    return seconds
+DEFAULT_RETENTION_S = 600.0  # TVS_FEED_RETENTION_S (indexer.settings)
 
 
 @dataclass(frozen=True)

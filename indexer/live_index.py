@@ -23,7 +23,7 @@ from indexer.catalog import IndexMismatchError
 from indexer.changes import ChangeFollower, FeedLag, latest_seq
 from indexer.db import session_scope
 from indexer.errors import IndexerError, UserError
-from indexer.feed_compaction import prune_model, retention_from_env
+from indexer.feed_compaction import DEFAULT_RETENTION_S, prune_model
 from indexer.index_device import resolve_index_device
 from indexer.paths import DataDir
 from indexer.snapshot import CorruptSnapshotError, SnapshotNotFoundError
@@ -86,14 +86,14 @@ class LiveIndex:
         rerank: int | None = None,
         device: str = "cpu",
         catch_up_s: float | None = None,
-        feed_retention_s: float | None = None,
+        feed_retention_s: float = DEFAULT_RETENTION_S,
     ) -> None:
         self.data, self._factory, self.model_id = data, session_factory, model_id
         self.dim, self.num_frames, self._wanted_factory = dim, num_frames, factory
         self.follow_interval_s = follow_interval_s
         # open() replays the feed for at most this long (None: to the end); the follower thread does the rest.
         self._catch_up_s = catch_up_s
-        self._feed_retention_s = feed_retention_s  # None: TVS_FEED_RETENTION_S, read when a snapshot is saved
+        self._feed_retention_s = feed_retention_s
         try:  # a knob for another index type fails here, at start-up, not at the first search
             VectorIndex(dim, factory, nprobe=nprobe, ef_search=ef_search)
         except ValueError as e:
@@ -392,9 +392,8 @@ class LiveIndex:
             manifest = self._index.save(
                 self.path, {"model_id": self.model_id, "last_seq": self.last_seq, "rerank": self._rerank}
             )
-        retention = self._feed_retention_s if self._feed_retention_s is not None else retention_from_env()
         try:
-            prune_model(self._factory, self.model_id, int(manifest["last_seq"]), retention)
+            prune_model(self._factory, self.model_id, int(manifest["last_seq"]), self._feed_retention_s)
         except (sa_exc.OperationalError, sa_exc.InterfaceError) as e:
             logger.warning(
                 "snapshot saved, but the change feed was not pruned (%s); `indexer compact` does it", e

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import threading
 import time
@@ -21,7 +20,6 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -84,21 +82,6 @@ class MilvusConfig:
     search_params: dict[str, Any] = field(default_factory=dict)
     prefix: str = "tvs"
     timeout_s: float = 10.0
-
-
-def config_from_env(data_dir: Path, uri: str | None = None) -> MilvusConfig:
-    """The CLI's MilvusConfig, from the variables app.settings reads: TVS_MILVUS_URI (default
-    <data_dir>/milvus.db), TVS_MILVUS_TOKEN, TVS_MILVUS_INDEX, TVS_MILVUS_PREFIX, TVS_MILVUS_TIMEOUT_S."""
-    kind, build, search = parse_index_spec(os.environ.get("TVS_MILVUS_INDEX") or "FLAT")
-    return MilvusConfig(
-        uri=uri or os.environ.get("TVS_MILVUS_URI") or str(data_dir / "milvus.db"),
-        token=os.environ.get("TVS_MILVUS_TOKEN", ""),
-        index_type=kind,
-        index_params=build,
-        search_params=search,
-        prefix=os.environ.get("TVS_MILVUS_PREFIX") or "tvs",
-        timeout_s=float(os.environ.get("TVS_MILVUS_TIMEOUT_S") or 10.0),
-    )
 
 
 def parse_index_spec(spec: str) -> tuple[str, dict[str, Any], dict[str, Any]]:

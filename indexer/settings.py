@@ -6,15 +6,20 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+
+from indexer.feed_compaction import DEFAULT_RETENTION_S
+
+if TYPE_CHECKING:
+    from indexer.milvus_index import MilvusConfig
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +56,27 @@ class SharedSettings(BaseSettings):
     torch_threads: int | None = Field(default=None, ge=1)  # None: torch's default (all cores)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+    # --- the FAISS broad-view index (docs/deploy.md) ---
+    # Where it lives: auto (a GPU when faiss has GPU support and sees one), cpu, cuda, cuda:N.
+    index_device: str = "auto"
+    index_nprobe: int | None = Field(default=None, ge=1)  # IVF lists scanned; None: the snapshot's, else 1
+    index_ef_search: int | None = Field(default=None, ge=1)  # HNSW candidate pool; None: snapshot's, else 16
+    # Approximate candidates re-scored exactly from the stored CLS vectors; None: 0 for Flat, else 100.
+    index_rerank: int | None = Field(default=None, ge=0)
+    # Changes younger than this are kept when a snapshot prunes the feed (indexer.feed_compaction).
+    feed_retention_s: float = Field(default=DEFAULT_RETENTION_S, ge=0)
+    # --- the vector backend: faiss (in every replica's memory, the default) or milvus (a database the
+    # replicas share; they then hold no index and follow no change feed). docs/deploy.md, "A cluster".
+    vector_backend: Literal["faiss", "milvus"] = "faiss"
+    milvus_uri: str | None = (
+        None  # a `.db` file (Milvus Lite, one process) or http://host:19530; None: <data_dir>/milvus.db
+    )
+    milvus_token: SecretStr | None = None  # user:password or an API key, for a server with authentication
+    milvus_index: str = (
+        "FLAT"  # the CLS field's index: TYPE or TYPE:key=value,... (IVF_FLAT:nlist=1024,nprobe=16)
+    )
+    milvus_prefix: str = Field(default="tvs", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")  # collection names
+    milvus_timeout_s: float = Field(default=10.0, gt=0)  # per call; a search past it answers 503
 
     @classmethod
     def settings_customise_sources(
@@ -88,3 +114,39 @@ class SharedSettings(BaseSettings):
         if not isinstance(value, str):
             return value
         return value.strip().upper() if info.field_name == "log_level" else value.strip().lower()
+
+    @field_validator("index_device")
+    @classmethod
+    def _index_device(cls, value: str) -> str:
+        from indexer.index_device import IndexDeviceError, check_index_device
+
+        try:
+            return check_index_device(value)
+        except IndexDeviceError as e:
+            raise ValueError(f"TVS_INDEX_DEVICE: {e}") from e
+
+    @field_validator("milvus_index")
+    @classmethod
+    def _milvus_index(cls, value: str) -> str:
+        from indexer.milvus_index import MilvusIndexSpecError, parse_index_spec
+
+        try:
+            parse_index_spec(value)
+        except MilvusIndexSpecError as e:
+            raise ValueError(str(e)) from e
+        return value
+
+    def milvus_config(self) -> MilvusConfig:
+        """Where and how the Milvus backend stores a library (TVS_MILVUS_*)."""
+        from indexer.milvus_index import MilvusConfig, parse_index_spec
+
+        kind, build, search = parse_index_spec(self.milvus_index)
+        return MilvusConfig(
+            uri=self.milvus_uri or str(self.data_dir / "milvus.db"),
+            token=self.milvus_token.get_secret_value() if self.milvus_token else "",
+            index_type=kind,
+            index_params=build,
+            search_params=search,
+            prefix=self.milvus_prefix,
+            timeout_s=self.milvus_timeout_s,
+        )

@@ -15,6 +15,7 @@ from indexer import catalog, jobs, milvus_sync
 from indexer.catalog import Job, Segment, Video
 from indexer.db import session_scope
 from indexer.errors import IndexerError, UserError
+from indexer.feed_compaction import DEFAULT_RETENTION_S
 from indexer.ingest import release_pending
 from indexer.live_index import save_snapshot
 from indexer.milvus_index import MilvusIndex
@@ -73,6 +74,7 @@ def verify(
     *,
     index_device: str = "cpu",
     milvus: MilvusIndex | None = None,
+    feed_retention_s: float = DEFAULT_RETENTION_S,
 ) -> VerifyReport:
     """Check one model's index; with `repair`, fix what can be fixed and return the state after the fix.
 
@@ -94,7 +96,14 @@ def verify(
             milvus, data, session_factory, model_id, report.index_missing, report.index_extra
         )
     elif report.snapshot != "ok" or report.index_missing or report.index_extra:
-        save_snapshot(data, session_factory, model_id, rebuild=True, device=index_device)
+        save_snapshot(
+            data,
+            session_factory,
+            model_id,
+            rebuild=True,
+            device=index_device,
+            feed_retention_s=feed_retention_s,
+        )
         actions.append("rebuilt the index snapshot from the catalog and the token store")
     after = _check(data, session_factory, model_id, milvus)
     after.requeued_jobs, after.repaired = requeued, actions

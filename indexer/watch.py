@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from indexer.catalog import Video, register_model
 from indexer.db import session_scope
 from indexer.failures import failure_reason, skip_reason
+from indexer.feed_compaction import DEFAULT_RETENTION_S
 from indexer.ingest import Found, IngestError, classify, delete_video, ingest_file
 from indexer.live_index import save_snapshot
 from indexer.paths import DataDir
@@ -146,6 +147,7 @@ def watch(
     settle_s: float = 2.0,
     debounce_ms: int = 500,
     config: PipelineConfig | None = None,
+    feed_retention_s: float = DEFAULT_RETENTION_S,
 ) -> None:
     """Run until `stop` is set: index files that appear or change under `folders` once they have been quiet
     for `settle_s`, and delete the videos of files that disappear. Jobs run in a worker thread."""
@@ -178,7 +180,7 @@ def watch(
         worker.stop()
         worker.close()
         thread.join(timeout=30)
-        save_snapshot(data, factory, model.model_id)
+        save_snapshot(data, factory, model.model_id, feed_retention_s=feed_retention_s)
         say("stopped")
 
 

@@ -25,20 +25,39 @@ logger = logging.getLogger(__name__)
 # Commands that run as a service log at TVS_LOG_LEVEL; the others print their result and log only warnings,
 # unless TVS_LOG_LEVEL is set or -v is given.
 _SERVICE_COMMANDS = {"worker"}
+# Settings a command's flag overrides: setting name -> argparse dest (absent from commands without the flag).
+_FLAGS = {
+    "data_dir": "data_dir",
+    "database_url": "database_url",
+    "model": "model",
+    "vector_backend": "backend",
+    "milvus_uri": "milvus_uri",
+    "index_device": "index_device",
+    "index_nprobe": "index_nprobe",
+    "index_ef_search": "index_ef_search",
+    "index_rerank": "index_rerank",
+    "feed_retention_s": "retention_s",
+}
 
 
 def load_settings(args: argparse.Namespace) -> SharedSettings:
     """TVS_* and .env, with the command's flags on top; UsageError naming each bad value."""
-    flags = {"data_dir": args.data_dir, "database_url": args.database_url, "model": args.model}
+    given = {
+        setting: getattr(args, flag)
+        for setting, flag in _FLAGS.items()
+        if getattr(args, flag, None) is not None
+    }
     try:
-        return SharedSettings(**{name: value for name, value in flags.items() if value is not None})
+        return SharedSettings(**given)
     except ValidationError as e:
-        problems = "; ".join(_readable(err) for err in e.errors())
+        problems = "; ".join(_readable(err, given) for err in e.errors())
         raise UsageError(f"invalid settings: {problems}") from e
 
 
-def _readable(error: Any) -> str:
-    name = f"TVS_{'_'.join(map(str, error['loc'])).upper()}"
+def _readable(error: Any, flags: dict[str, Any]) -> str:
+    """`--flag=value: why` for a value given as a flag, `TVS_NAME=value: why` for one from the environment."""
+    setting = "_".join(map(str, error["loc"]))
+    name = f"--{_FLAGS[setting].replace('_', '-')}" if setting in flags else f"TVS_{setting.upper()}"
     return f"{name}={error.get('input')!r}: {str(error['msg']).removeprefix('Value error, ')}"
 
 

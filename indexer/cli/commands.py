@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import signal
@@ -56,6 +57,7 @@ def cmd_add(env: Env) -> int:
             on_skip=bar.skip,
             on_result=bar.result,
             sink=sink,
+            feed_retention_s=env.settings.feed_retention_s,
         )
     finally:
         bar.close()
@@ -109,6 +111,7 @@ def cmd_watch(env: Env) -> int:
     watch(
         env.sessions(), env.data, env.model(), a.folders, stop, say,
         settle_s=a.settle_s, debounce_ms=a.debounce_ms, config=env.pipeline_config(),
+        feed_retention_s=env.settings.feed_retention_s,
     )  # fmt: skip
     return 0
 
@@ -127,7 +130,7 @@ def cmd_reindex(env: Env) -> int:
         engine = ray_engine(RayOptions(a.address, a.encoders))
     factory, model, bar = env.sessions(), env.model(), Progress(env, "reindexing")
     milvus = None
-    if a.backend == "milvus":
+    if env.settings.vector_backend == "milvus":
         if engine is not None:
             raise UsageError("--engine ray does not write to Milvus yet: reindex locally, or on FAISS")
         from indexer.catalog import register_model
@@ -145,6 +148,7 @@ def cmd_reindex(env: Env) -> int:
             on_result=bar.result,
             engine=engine,
             milvus=milvus,
+            feed_retention_s=env.settings.feed_retention_s,
         )
     finally:
         bar.close()
@@ -173,17 +177,19 @@ def cmd_rebuild_index(env: Env) -> int:
         }
         env.emit(payload, f"rebuilt {milvus.model_id} in Milvus collection {milvus.name}: {count} segments")
         return 0
-    resolve_index_device(a.index_device)  # an unusable GPU fails before any work
+    s = env.settings
+    resolve_index_device(s.index_device)  # an unusable GPU fails before any work
     manifest = save_snapshot(
         env.data,
         factory,
         env.model_id(factory),
         rebuild=True,
         factory=a.factory,
-        nprobe=a.index_nprobe,
-        ef_search=a.index_ef_search,
-        rerank=a.index_rerank,
-        device=a.index_device,
+        nprobe=s.index_nprobe,
+        ef_search=s.index_ef_search,
+        rerank=s.index_rerank,
+        device=s.index_device,
+        feed_retention_s=s.feed_retention_s,
     )
     knobs = ", ".join(
         f"{k} {manifest[k]}" for k in ("nprobe", "ef_search", "rerank") if manifest.get(k) is not None
@@ -201,15 +207,19 @@ def cmd_verify(env: Env) -> int:
     from indexer.index_device import resolve_index_device
     from indexer.verify import verify
 
-    a = env.args
-    resolve_index_device(a.index_device)  # an unusable GPU fails before any work
+    a, s = env.args, env.settings
+    resolve_index_device(s.index_device)  # an unusable GPU fails before any work
     factory = env.sessions()
     model_id = env.model_id(factory)
     milvus = env.milvus(factory, model_id)
-    report = verify(env.data, factory, model_id, repair=a.repair, index_device=a.index_device, milvus=milvus)
+    check = functools.partial(
+        verify, env.data, factory, model_id,
+        index_device=s.index_device, milvus=milvus, feed_retention_s=s.feed_retention_s,
+    )  # fmt: skip
+    report = check(repair=a.repair)
     if a.repair and report.requeued_jobs:
         _run_jobs(env, factory, report.requeued_jobs, milvus)
-        report = verify(env.data, factory, model_id, repair=True, index_device=a.index_device, milvus=milvus)
+        report = check(repair=True)
     env.emit(report.to_dict(), _verify_text(report))
     return 0 if report.ok else 1
 
@@ -260,7 +270,7 @@ def _verify_text(report: Any) -> str:
 def cmd_compact(env: Env) -> int:
     from indexer.feed_compaction import compact_feed
 
-    report = compact_feed(env.data, env.sessions(), env.args.retention_s)
+    report = compact_feed(env.data, env.sessions(), env.settings.feed_retention_s)
     lines = [
         f"{m.model_id}: pruned {m.pruned} change row(s) through seq {m.horizon}, {m.kept} kept"
         if m.snapshot_seq is not None

@@ -67,19 +67,15 @@ class Env:
 
     def milvus(self, factory: sessionmaker[Session], model_id: str) -> MilvusIndex | None:
         """The model's Milvus collection when --backend milvus (TVS_VECTOR_BACKEND), else None (FAISS)."""
-        if self.args.backend != "milvus":
+        if self.settings.vector_backend != "milvus":
             return None
-        from indexer.milvus_index import MilvusIndex, MilvusIndexSpecError, config_from_env
+        from indexer.milvus_index import MilvusIndex
 
         with session_scope(factory) as session:
             model = catalog.get_model(session, model_id)
         if model is None:
             raise UsageError(f"model {model_id!r} is not registered in the catalog; index some videos first")
-        try:
-            config = config_from_env(self.data.root, self.args.milvus_uri)
-        except (MilvusIndexSpecError, ValueError) as e:
-            raise UsageError(str(e)) from e
-        return MilvusIndex(config, model_id, model.dim, model.num_frames).open()
+        return MilvusIndex(self.settings.milvus_config(), model_id, model.dim, model.num_frames).open()
 
     def pipeline_config(self) -> PipelineConfig:
         from indexer.pipeline import PipelineConfig

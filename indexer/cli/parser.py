@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from indexer.feed_compaction import DEFAULT_RETENTION_S, RETENTION_ENV, retention_from_env
+from indexer.feed_compaction import DEFAULT_RETENTION_S
 from indexer.schema import AUTO_MIGRATE_ENV
 
 if TYPE_CHECKING:  # the pipeline pulls in torch and the decoders: loaded only by commands that index
@@ -49,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--backend",
         choices=["faiss", "milvus"],
-        default=os.environ.get("TVS_VECTOR_BACKEND") or "faiss",
+        default=None,
         help="vector backend: faiss (snapshots in the data directory) or milvus (env TVS_VECTOR_BACKEND; "
         "default faiss); `rebuild-index --backend milvus` copies a FAISS library into Milvus",
     )
@@ -76,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build and maintain the text-to-video index.",
         epilog="Settings shared with the service come from TVS_* variables and .env (TVS_ENV_FILE names "
         "another file): TVS_DATA_DIR, TVS_DATABASE_URL, TVS_MODEL, TVS_AUTO_MIGRATE, TVS_DEVICE, "
-        "TVS_PRECISION, TVS_TORCH_THREADS, TVS_LOG_LEVEL, TVS_LOG_FORMAT (text|json). Flags win over them.",
+        "TVS_PRECISION, TVS_TORCH_THREADS, TVS_LOG_LEVEL, TVS_LOG_FORMAT (text|json), TVS_INDEX_DEVICE, "
+        "TVS_INDEX_NPROBE, TVS_INDEX_EF_SEARCH, TVS_INDEX_RERANK, TVS_FEED_RETENTION_S, TVS_VECTOR_BACKEND, "
+        "TVS_MILVUS_URI, TVS_MILVUS_TOKEN, TVS_MILVUS_INDEX, TVS_MILVUS_PREFIX, TVS_MILVUS_TIMEOUT_S. Flags win "
+        "over them.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -148,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument(
         "--index-device",
         type=_index_device,
-        default=os.environ.get("TVS_INDEX_DEVICE", "auto"),
+        default=None,
         help="where to build the FAISS index: auto (a GPU when faiss has GPU support and sees one), cpu, "
         "cuda, cuda:N (env TVS_INDEX_DEVICE; default auto); the snapshot is saved from a CPU copy",
     )
@@ -167,21 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--index-nprobe",
         type=int,
-        default=_env_int("TVS_INDEX_NPROBE"),
+        default=None,
         help="IVF lists scanned per search, saved with the snapshot (env TVS_INDEX_NPROBE; default: the "
         "snapshot's when the factory stays, else 1); IVF factories only",
     )
     p.add_argument(
         "--index-ef-search",
         type=int,
-        default=_env_int("TVS_INDEX_EF_SEARCH"),
+        default=None,
         help="HNSW candidate pool, saved with the snapshot (env TVS_INDEX_EF_SEARCH; default: the snapshot's "
         "when the factory stays, else 16); HNSW factories only",
     )
     p.add_argument(
         "--index-rerank",
         type=int,
-        default=_env_int("TVS_INDEX_RERANK"),
+        default=None,
         help="approximate candidates re-scored exactly from the stored CLS vectors per search, saved with "
         "the snapshot (env TVS_INDEX_RERANK; default: the snapshot's when the factory stays, else 0 for Flat "
         "and 40 for the others)",
@@ -208,8 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--retention-s",
         type=_seconds,
-        default=_env_retention(),
-        help=f"keep changes younger than this many seconds even when a snapshot covers them (env {RETENTION_ENV}; "
+        default=None,
+        help=f"keep changes younger than this many seconds even when a snapshot covers them (env TVS_FEED_RETENTION_S; "
         f"default {DEFAULT_RETENTION_S:g})",
     )
     add("stats", cmd_stats, "counts of videos, segments and jobs")
@@ -235,20 +237,3 @@ def _seconds(value: str) -> float:
     if not math.isfinite(seconds) or seconds < 0:
         raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {value!r}")
     return seconds
-
-
-def _env_retention() -> float:
-    try:
-        return retention_from_env()
-    except ValueError as e:
-        raise SystemExit(f"indexer: {e}") from None
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise SystemExit(f"indexer: {name}={value!r} is not an integer") from None

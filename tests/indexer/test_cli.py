@@ -258,6 +258,25 @@ def test_rebuild_index_takes_the_index_knobs_and_saves_them_for_the_service(
         engine.dispose()
 
 
+def test_the_index_knobs_and_retention_come_from_the_dotenv_file_like_the_services(
+    synthetic_library, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TVS_MODEL", raising=False)
+    cli = _synthetic_cli(synthetic_library, capsys)
+    env_file = tmp_path / "tvs.env"
+    env_file.write_text("TVS_INDEX_NPROBE=3\nTVS_INDEX_RERANK=7\nTVS_FEED_RETENTION_S=0\n")
+    monkeypatch.setenv("TVS_ENV_FILE", str(env_file))
+    code, out, err = cli("rebuild-index", "--factory", "IVF16,Flat", "--index-rerank", "9")
+    assert code == 0 and "(IVF16,Flat; nprobe 3, rerank 9)" in out, err  # the flag wins over the file
+    code, out, _ = cli("compact", "--json")
+    assert code == 0 and json.loads(out)["retention_s"] == 0
+    env_file.write_text("TVS_INDEX_RERANK=-1\n")
+    code, out, err = cli("rebuild-index")
+    assert (
+        (code, out) == (2, "") and "TVS_INDEX_RERANK='-1'" in err and "greater than or equal to 0" in err
+    ), err
+
+
 def test_rebuild_index_refuses_knobs_that_do_not_fit(
     synthetic_library, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -266,7 +285,7 @@ def test_rebuild_index_refuses_knobs_that_do_not_fit(
     code, _, err = cli("rebuild-index", "--index-factory", "Flat", "--index-nprobe", "4")
     assert code == 2 and "nprobe=4 needs an IVF factory" in err
     code, _, err = cli("rebuild-index", "--index-factory", "HNSW16", "--index-ef-search", "0")
-    assert code == 2 and "ef_search=0 needs an HNSW factory and a value >= 1" in err
+    assert code == 2 and "--index-ef-search=0: Input should be greater than or equal to 1" in err
     with pytest.raises(SystemExit) as exit_info:
         cli("rebuild-index", "--index-device", "gpu")
     assert exit_info.value.code == 2 and "not one of auto, cpu, cuda, cuda:N" in capsys.readouterr().err

@@ -16,8 +16,9 @@ import pytest
 from indexer import catalog
 from indexer.cli import main
 from indexer.db import make_engine, make_session_factory, session_scope
-from indexer.milvus_index import MilvusIndex, config_from_env
+from indexer.milvus_index import MilvusIndex
 from indexer.paths import DataDir
+from indexer.settings import SharedSettings
 from indexer.token_store import TokenStore
 from synth.generator import write_pattern_video
 
@@ -62,7 +63,8 @@ def _dims(model: catalog.EmbeddingModel) -> np.ndarray:
 
 
 def _collection(data: DataDir, uri: str, model_id: str, dims: np.ndarray) -> MilvusIndex:
-    return MilvusIndex(config_from_env(data.root, uri), model_id, int(dims[0]), int(dims[1])).open()
+    config = SharedSettings(data_dir=data.root, milvus_uri=uri).milvus_config()
+    return MilvusIndex(config, model_id, int(dims[0]), int(dims[1])).open()
 
 
 def test_kill_between_milvus_write_and_commit_leaves_nothing_searchable_and_repair_fixes_it(
