@@ -258,9 +258,13 @@ def resolve_model(spec: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    env = Settings()  # TVS_* and .env as the service reads them; the demo's own defaults where they are unset
+    set_here = env.model_fields_set
     parser = argparse.ArgumentParser(prog="python -m app.demo", description=__doc__)
-    parser.add_argument("--data-dir", default=os.environ.get("TVS_DATA_DIR", str(DEFAULT_DATA_DIR)))
-    parser.add_argument("--model", default=os.environ.get("TVS_MODEL") or str(DEMO_MODEL_DIR))
+    parser.add_argument(
+        "--data-dir", default=str(env.data_dir if "data_dir" in set_here else DEFAULT_DATA_DIR)
+    )
+    parser.add_argument("--model", default=env.model if "model" in set_here else str(DEMO_MODEL_DIR))
     parser.add_argument("--host", default=os.environ.get("TVS_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("TVS_PORT", "8000")))
     parser.add_argument("--families", type=int, default=DEMO_FAMILIES, help="families of 6 clips each")
@@ -278,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             families=args.families,
             seed=args.seed,
             examples=args.examples,
-            database_url=os.environ.get("TVS_DATABASE_URL") or None,
+            database_url=env.database_url,
         )
     except DemoError as e:
         print(f"demo: {e}", file=sys.stderr)
@@ -293,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.prepare_only:
         return 0
-    settings = Settings(data_dir=report.data_dir, model=model)
+    settings = env.model_copy(update={"data_dir": report.data_dir, "model": model})
     if "log_level" not in settings.model_fields_set:
         settings = settings.model_copy(
             update={"log_level": "WARNING"}
