@@ -24,6 +24,7 @@ from model.calibration import (
 )
 from model.data import ClipSet, FrameCache, default_cache_dir, prepare_clips
 from model.evaluate import add_encoding_arguments, add_source_arguments, encode_clipset, read_samples
+from model.inference import evaluating
 from model.outputs import TextOutput, VideoOutput
 from model.tokenbinder import TokenBinder
 
@@ -74,13 +75,9 @@ def calibrate_clips(
     """The cut-off of every score kind at `precision`, measured on prepared validation clips."""
     if not clips.samples:
         raise CalibrationError("nothing to calibrate on: no validation sample has a decodable video")
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         text, video = encode_clipset(model, clips, batch_size)
         measured = top1_scores(model, text, video, np.asarray(clips.clip_index), top_k)
-    finally:
-        model.train(was_training)
     return Calibration(
         precision_target=precision,
         cutoffs={kind: cutoff_for_precision(s, ok, precision) for kind, (s, ok) in measured.items()},

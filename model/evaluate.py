@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from model.data import ClipSet, FrameCache, default_cache_dir, prepare_clips
+from model.inference import evaluating
 from model.manifest import Sample
 from model.metrics import group_r1, retrieval_report, slot_spread, two_stage_ranks
 from model.outputs import TextOutput, VideoOutput
@@ -97,16 +98,12 @@ def evaluate_clips(
     """Metrics over prepared clips (the training loop's per-epoch validation calls this)."""
     if not clips.samples:
         raise ValueError("nothing to evaluate: no sample has a decodable video")
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         text, video = encode_clipset(model, clips, batch_size)
         groups = None
         if group_key is not None:
             groups = [str(s.meta.get(group_key, "(none)")) for s in clips.samples]
         out = retrieval_metrics(model, text, video, clips.clip_index, top_k, groups)
-    finally:
-        model.train(was_training)
     if group_key is not None:
         out["by_group"] = {"key": group_key, **out["by_group"]}
     out["skipped_videos"] = len(clips.failures)

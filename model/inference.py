@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
 from model.tokenbinder import TokenBinder
 
 logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def evaluating(module: torch.nn.Module) -> Iterator[None]:
+    """`module` in eval mode for the block, then back in the mode it was in (a training loop's validation)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 def best_device() -> torch.device:

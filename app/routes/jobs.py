@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
+from sqlalchemy.orm import Session
 
 from app import library
 from app.deps import READ_PROBLEMS, WRITE_PROBLEMS, KeyAccess, SessionDep, WriteAccess
@@ -50,6 +52,14 @@ def _found(job: JobPublic | None, job_id: int) -> JobPublic:
     return job
 
 
+def _transition(change: Callable[..., JobPublic | None], session: Session, job_id: int) -> JobPublic:
+    """Retry or cancel: 404 for no such job, 409 (job_state_conflict) where its state does not allow it."""
+    try:
+        return _found(change(session, job_id=job_id), job_id)
+    except JobStateError as e:  # a UserError: its code is job_state_conflict
+        raise user_error(e) from e
+
+
 @router.post(
     "/jobs/{job_id}/retry",
     response_model=JobPublic,
@@ -62,10 +72,7 @@ def _found(job: JobPublic | None, job_id: int) -> JobPublic:
     },
 )
 def retry(job_id: IdParam, session: SessionDep) -> JobPublic:
-    try:
-        return _found(retry_job(session, job_id=job_id), job_id)
-    except JobStateError as e:  # a UserError: its code is job_state_conflict (409)
-        raise user_error(e) from e
+    return _transition(retry_job, session, job_id)
 
 
 @router.delete(
@@ -80,7 +87,4 @@ def retry(job_id: IdParam, session: SessionDep) -> JobPublic:
     },
 )
 def cancel(job_id: IdParam, session: SessionDep) -> JobPublic:
-    try:
-        return _found(cancel_job(session, job_id=job_id), job_id)
-    except JobStateError as e:
-        raise user_error(e) from e
+    return _transition(cancel_job, session, job_id)
