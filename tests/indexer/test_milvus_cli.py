@@ -163,11 +163,25 @@ def test_reindex_on_milvus_fills_the_new_collection_and_moves_the_alias(
     assert _run(["verify", *base, "--model", str(other), "--json"])[0] == 0
 
 
+@pytest.mark.parametrize("server", ["as served", "aliases emulated"])
 def test_rebuild_index_fills_a_new_generation_while_searches_answer_from_the_old_one(
-    tmp_path: Path, library: Path, milvus_uri: str, milvus_prefix: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    library: Path,
+    milvus_uri: str,
+    milvus_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    server: str,
 ) -> None:
-    from indexer import milvus_sync
+    from helpers.milvus import AliasingClient, real_server_uri
 
+    from indexer import milvus_index, milvus_sync
+
+    if server == "aliases emulated":  # Milvus Lite made to act as a server with aliases, for every client
+        if real_server_uri() is not None:
+            pytest.skip("the server at TVS_TEST_MILVUS_URI has aliases of its own")
+        connect = milvus_index.connect
+        fake = AliasingClient(None)
+        monkeypatch.setattr(milvus_index, "connect", lambda config, attempts=5: fake.another(connect(config)))
     monkeypatch.setenv("TVS_MILVUS_PREFIX", milvus_prefix)
     data = DataDir(tmp_path / "data")
     base = ["--data-dir", str(data.root), "--backend", "milvus", "--milvus-uri", milvus_uri]
@@ -191,7 +205,11 @@ def test_rebuild_index_fills_a_new_generation_while_searches_answer_from_the_old
         code, report = _run(["rebuild-index", *base, "--json"])
         assert code == 0 and report["count"] == 2 and report["collection"] != old, report
         assert seen and all(s == (old, 2, before.tolist()) for s in seen), seen
-        assert report["aliases"] is reader.generations.aliases
+        assert (
+            report["aliases"]
+            is reader.generations.aliases
+            is (server != "as served" or real_server_uri() is not None)
+        )
         assert reader.collection == report["collection"] == report["name"] + "_g2"
         np.testing.assert_array_equal(reader.search(query, 5)[1], before)
         assert reader.generations.generations(reader._client, reader.name) == [report["collection"]]

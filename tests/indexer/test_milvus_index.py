@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -196,59 +197,92 @@ def test_search_brings_the_tokens_in_one_round_trip_where_the_server_can(tokens_
         ]
 
 
-def test_a_new_generation_fills_while_searches_read_the_old_one(index: MilvusIndex, milvus_uri: str) -> None:
+@pytest.fixture(params=["as served", "aliases emulated"])
+def served(
+    request: pytest.FixtureRequest, milvus_uri: str, milvus_prefix: str
+) -> Iterator[Callable[..., MilvusIndex]]:
+    """Opens MilvusIndexes on the test server as it is, and (Milvus Lite) on the same server made to act as
+    one with aliases (helpers.milvus.AliasingClient), so both branches of the generations run."""
+    from helpers.milvus import AliasingClient, real_server_uri
+
+    config = MilvusConfig(milvus_uri, prefix=milvus_prefix)
+    if request.param == "aliases emulated" and real_server_uri() is not None:
+        pytest.skip("the server at TVS_TEST_MILVUS_URI has aliases of its own")
+    fake = AliasingClient(connect(config)) if request.param == "aliases emulated" else None
+    opened: list[MilvusIndex] = []
+
+    def open_index(model_id: str = "tiny/model:1", *, create: bool = True) -> MilvusIndex:
+        index = MilvusIndex(config, model_id, D, T)
+        if fake is not None:
+            index._client = fake.another(connect(config))
+        opened.append(index.open(create=create))
+        return index
+
+    open_index.expect_aliases = fake is not None or real_server_uri() is not None  # type: ignore[attr-defined]
+    yield open_index
+    for index in opened:
+        index.close()
+    if fake is not None:
+        fake.close()
+
+
+def test_a_new_generation_fills_while_searches_read_the_old_one(served: Callable[..., MilvusIndex]) -> None:
+    index = served()
+    reader = served(create=False)  # another replica
+    assert index.generations.aliases is reader.generations.aliases is served.expect_aliases  # type: ignore[attr-defined]
     rng = np.random.default_rng(5)
     cls = rng.standard_normal((40, D)).astype(np.float32)
     tokens = rng.standard_normal((40, T, D)).astype(np.float16)
     rows = _rows(40)
     index.add(rows[:20], cls[:20], tokens[:20])
     old = index.collection
+    assert old == index.name + "_g1"
     q = cls[:3]
     before = index.search(q, 10)
-    reader = MilvusIndex(index.config, index.model_id, D, T).open(create=False)  # another replica
-    try:
-        new = index.new_generation()
-        assert new != old and index.collection == old
-        index.add(rows[20:30], cls[20:30], tokens[20:30], collection=new)  # half filled
-        for idx in (index, reader):
-            np.testing.assert_array_equal(idx.search(q, 10)[1], before[1])
-            assert idx.size == 20
-        index.add(rows[:20] + rows[30:], np.concatenate([cls[:20], cls[30:]]), np.concatenate([tokens[:20], tokens[30:]]), collection=new)  # fmt: skip
-        assert index.switch_to(new) == [old]
-        assert index.collection == new
-        time.sleep(POINTER_TTL_S)  # a reader without aliases trusts its pointer this long
-        for idx in (index, reader):
-            assert idx.size == 40
-            np.testing.assert_array_equal(idx.ids(), np.arange(1, 41))
-            np.testing.assert_array_equal(idx.tokens([35]), tokens[[34]])
-        assert index.generations.generations(index._client, index.name) == [new]
-    finally:
-        reader.close()
+    new = index.new_generation()
+    assert new == index.name + "_g2" and index.collection == old
+    index.add(rows[20:30], cls[20:30], tokens[20:30], collection=new)  # half filled
+    for idx in (index, reader):
+        np.testing.assert_array_equal(idx.search(q, 10)[1], before[1])
+        assert idx.size == 20
+    rest = rows[:20] + rows[30:]
+    index.add(
+        rest, np.concatenate([cls[:20], cls[30:]]), np.concatenate([tokens[:20], tokens[30:]]), collection=new
+    )
+    assert index.switch_to(new) == [old]
+    assert index.collection == reader.collection == new
+    time.sleep(POINTER_TTL_S)  # a reader without aliases trusts its pointer this long
+    for idx in (index, reader):
+        assert idx.size == 40
+        np.testing.assert_array_equal(idx.ids(), np.arange(1, 41))
+        np.testing.assert_array_equal(idx.tokens([35]), tokens[[34]])
+    assert index.generations.generations(index._client, index.name) == [new]
+    index.drop()
+    assert index.generations.generations(index._client, index.name) == []
 
 
 def test_a_collection_from_before_generations_is_adopted_on_first_open(
-    milvus_uri: str, milvus_prefix: str
+    served: Callable[..., MilvusIndex],
 ) -> None:
-    config = MilvusConfig(milvus_uri, prefix=milvus_prefix)
-    legacy = MilvusIndex(config, "old/model", D, T)
-    legacy._client = connect(config)
+    legacy = served("old/model", create=False)
+    aliases = legacy.generations.aliases
     legacy._create(legacy._client, legacy.name)  # what the single-collection version made
     rng = np.random.default_rng(6)
     cls = rng.standard_normal((10, D)).astype(np.float32)
     tokens = rng.standard_normal((10, T, D)).astype(np.float16)
-    legacy.generations.aliases = True  # write straight into the named collection, as the old code did
-    legacy.add(_rows(10), cls, tokens)
-    legacy.close()
-    with MilvusIndex(config, "old/model", D, T) as index:
-        try:
-            assert index.collection == (index.name if not index.generations.aliases else index.name + "_g1")
-            np.testing.assert_array_equal(index.ids(), np.arange(1, 11))
-            np.testing.assert_array_equal(index.search(cls[:1], 1)[1], [[1]])
-            new = index.new_generation()
-            assert new == index.name + ("_g1" if not index.generations.aliases else "_g2")
-            index.add(_rows(10), cls, tokens, collection=new)
-            index.switch_to(new)
-            assert index.generations.generations(index._client, index.name) == [new]
-            np.testing.assert_array_equal(index.tokens([4]), tokens[[3]])
-        finally:
-            index.drop()
+    legacy.add(_rows(10), cls, tokens, collection=legacy.name)  # as the old code wrote: to the name itself
+    index = served("old/model")
+    try:
+        # With aliases the collection moves to generation 1 and the name becomes an alias; without, the
+        # pointer records the collection as it is (generation 0).
+        assert index.collection == (index.name + "_g1" if aliases else index.name)
+        np.testing.assert_array_equal(index.ids(), np.arange(1, 11))
+        np.testing.assert_array_equal(index.search(cls[:1], 1)[1], [[1]])
+        new = index.new_generation()
+        assert new == index.name + ("_g2" if aliases else "_g1")
+        index.add(_rows(10), cls, tokens, collection=new)
+        index.switch_to(new)
+        assert index.generations.generations(index._client, index.name) == [new]
+        np.testing.assert_array_equal(index.tokens([4]), tokens[[3]])
+    finally:
+        index.drop()
