@@ -237,7 +237,7 @@ def reindex(
     if milvus is None:
         save_snapshot(data, session_factory, model.model_id, feed_retention_s=feed_retention_s)
     elif report.switched:
-        milvus.point_alias()  # for readers outside the service; the catalog's switch is the one that counts
+        milvus.point_alias()  # `<prefix>_active`, for readers outside the service; the catalog switch counts
     report.seconds = time.monotonic() - started
     return report
 

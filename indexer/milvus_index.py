@@ -1,12 +1,16 @@
-"""Milvus as the broad view and token store: one collection per model id, keyed by the catalog's segment id.
+"""Milvus as the broad view and token store: one name per model id, rows keyed by the catalog's segment id.
 
 The catalog stays the source of truth; a collection is a cache that `indexer rebuild-index --backend milvus`
-re-creates from the token store. Writers insert here *before* committing the catalog rows, and the
-searcher drops every hit the catalog does not have as a live segment, so a crash in between leaves
-nothing searchable (`indexer verify --repair` removes the stray rows).
+re-creates from the token store, as a new generation beside the live one (indexer.milvus_generations:
+the model's name is an alias, or a recorded pointer where the server has no aliases). Writers insert here
+*before* committing the catalog rows, and the searcher drops every hit the catalog does not have as a live
+segment, so a crash in between leaves nothing searchable (`indexer verify --repair` removes the stray rows).
 
-A little over 400 lines: one backend class (schema, writes, search, tokens) behind the searcher's seam;
-the catalog comparison and rebuild are apart (milvus_sync.py).
+A search brings its hits' tokens in the same call where the server can (probed on the first search);
+Milvus Lite 2.5.1 cannot, and there `tokens()` reads them with one `get` per 256 ids.
+
+About 600 lines: one backend class (schema, generations, writes, search, tokens) behind the searcher's
+seam; the catalog comparison and rebuild are apart (milvus_sync.py), and so is the alias/pointer logic.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from indexer.errors import IndexerError, UserError
+from indexer.milvus_generations import Generations, not_found
 from indexer.token_store import MissingRecordError
 
 logger = logging.getLogger(__name__)
@@ -43,6 +48,7 @@ _SEARCH_KEYS = {"nprobe", "ef", "itopk_size", "search_width", "search_list", "ra
 _TOKEN_CACHE = 4096  # tokens of recent hits, by id (ids are never reused, so an entry never goes stale)
 _GET_CHUNK = 256
 _SIZE_TTL_S = 1.0
+POINTER_TTL_S = 1.0  # how long a reader trusts a generation pointer it read (servers without aliases)
 
 
 class MilvusUnavailableError(IndexerError, RuntimeError):
@@ -107,7 +113,11 @@ def collection_name(prefix: str, model_id: str) -> str:
     """A valid Milvus name for a model id (letters, digits, `_`), unique by a hash of the exact id."""
     readable = re.sub(r"[^A-Za-z0-9_]", "_", model_id)[:48]
     digest = hashlib.sha256(model_id.encode()).hexdigest()[:10]
-    return f"{re.sub(r'[^A-Za-z0-9_]', '_', prefix)}_{readable}_{digest}"
+    return f"{_safe(prefix)}_{readable}_{digest}"
+
+
+def _safe(prefix: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", prefix)
 
 
 def filter_expression(f: SegmentFilterLike | None) -> str:
@@ -163,25 +173,36 @@ def connect(config: MilvusConfig, attempts: int = 5) -> Any:
 
 
 class MilvusIndex:
-    """The `app.searcher.SegmentIndex` seam over one Milvus collection, plus add/delete for writers."""
+    """The `app.searcher.SegmentIndex` seam over one model's Milvus name, plus add/delete for writers.
+
+    The name (`collection_name`) stands for the model's current generation (indexer.milvus_generations):
+    an alias where the server has aliases, else a pointer looked up here. Writes and reads go through it;
+    `new_generation`/`switch_to` let a rebuild fill a generation beside it and then move the name.
+    """
 
     filters_pushdown = True
 
     def __init__(self, config: MilvusConfig, model_id: str, dim: int, num_frames: int) -> None:
         self.config, self.model_id, self.dim, self.num_frames = config, model_id, dim, num_frames
         self.name = collection_name(config.prefix, model_id)
+        self.generations = Generations(_safe(config.prefix), config.timeout_s)
         self._client: Any = None
         self._lock = threading.Lock()
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache_lock = threading.Lock()
         self._size = (0, 0.0)  # (count, monotonic time it was read)
+        self._pointer: tuple[str, float] | None = None  # no aliases: (collection, monotonic time read)
+        # Whether a search can return the hits' tokens (None: not tried yet; the first search tries).
+        self.tokens_in_search: bool | None = None
 
     # --- lifecycle --------------------------------------------------------------------------------------
     def open(self, *, create: bool = True) -> MilvusIndex:
         with self._lock:
             if self._client is None:
                 self._client = connect(self.config)
+        self._call(self.generations.probe)
         if create:
-            self._call(self._ensure_collection)
+            self._call(self._ensure_generation)
         return self
 
     def close(self) -> None:
@@ -199,8 +220,17 @@ class MilvusIndex:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _ensure_collection(self, client: Any) -> None:
-        if client.has_collection(self.name, timeout=self.config.timeout_s):
+    def _ensure_generation(self, client: Any) -> None:
+        gens = self.generations
+        current = gens.current(client, self.name) or gens.adopt_legacy(client, self.name)
+        if current is not None and client.has_collection(current, timeout=self.config.timeout_s):
+            return
+        first = current or f"{self.name}_g1"
+        self._create(client, first)
+        gens.point(client, self.name, first)
+
+    def _create(self, client: Any, name: str) -> None:
+        if client.has_collection(name, timeout=self.config.timeout_s):
             return
         from pymilvus import DataType
 
@@ -225,62 +255,102 @@ class MilvusIndex:
         # Strong: a worker's insert is acknowledged before the catalog commit, and the API replica that
         # serves the next search is another client, so "Session" would not promise it sees the insert.
         client.create_collection(
-            self.name,
+            name,
             schema=schema,
             index_params=params,
             consistency_level="Strong",
             timeout=self.config.timeout_s,
         )
-        logger.info("created Milvus collection %s for model %s", self.name, self.model_id)
+        logger.info("created Milvus collection %s for model %s", name, self.model_id)
+
+    # --- generations ------------------------------------------------------------------------------------
+    @property
+    def collection(self) -> str | None:
+        """The generation the model's name stands for now (None: not created yet)."""
+        return self._call(lambda c: self.generations.current(c, self.name))  # type: ignore[no-any-return]
+
+    def new_generation(self) -> str:
+        """Create an empty generation beside the current one (searches keep reading the current); its name."""
+
+        def create(client: Any) -> str:
+            name = self.generations.next_generation(client, self.name)
+            self._create(client, name)
+            return name
+
+        return self._call(create)  # type: ignore[no-any-return]
+
+    def switch_to(self, collection: str) -> list[str]:
+        """Point the model's name (and `<prefix>_active`, where it stood for the old generation) at
+        `collection`, then drop every other generation; the ones dropped."""
+
+        def switch(client: Any) -> list[str]:
+            gens = self.generations
+            old = gens.current(client, self.name)
+            gens.point(client, self.name, collection)
+            if old is not None and gens.current(client, self.alias) == old:
+                gens.point(client, self.alias, collection)
+            dropped = [g for g in gens.generations(client, self.name) if g != collection]
+            for g in dropped:
+                client.drop_collection(g, timeout=self.config.timeout_s)
+            return dropped
+
+        dropped = self._call(switch)
+        self._pointer, self._size = None, (0, 0.0)
+        logger.info("Milvus name %s now stands for %s (dropped %s)", self.name, collection, dropped or "none")
+        return dropped  # type: ignore[no-any-return]
 
     @property
     def alias(self) -> str:
-        """`<prefix>_active`: the collection of the catalog's active model, for readers outside the service."""
-        return f"{re.sub(r'[^A-Za-z0-9_]', '_', self.config.prefix)}_active"
+        """`<prefix>_active`: the generation of the catalog's active model, for readers outside the service."""
+        return f"{_safe(self.config.prefix)}_active"
 
-    def point_alias(self) -> bool:
-        """Point the alias at this collection (after a reindex switched the active model to it); False where
-        the server has no aliases (Milvus Lite 2.5). The service never reads through the alias: it opens
-        the active model's collection by name, so the catalog's switch is the one that counts."""
+    def point_alias(self) -> str:
+        """Point `<prefix>_active` at this model's current generation (after a reindex switched the active
+        model to it) and return that generation. An alias where the server has aliases, else the recorded
+        pointer. The service never reads through it: it opens the active model's name."""
 
-        def switch(client: Any) -> bool:
-            try:
-                client.describe_alias(self.alias, timeout=self.config.timeout_s)
-                exists = True
-            except Exception as e:
-                if "UNIMPLEMENTED" in str(e):
-                    return False
-                exists = False
-            if exists:
-                client.alter_alias(self.name, self.alias, timeout=self.config.timeout_s)
-            else:
-                client.create_alias(self.name, self.alias, timeout=self.config.timeout_s)
-            return True
+        def point(client: Any) -> str:
+            current = self.generations.current(client, self.name)
+            if current is None:
+                raise MilvusUnavailableError(f"Milvus name {self.name} stands for no collection yet")
+            self.generations.point(client, self.alias, current)
+            return current
 
-        done = bool(self._call(switch))
-        if not done:
-            logger.warning(
-                "Milvus at %s has no collection aliases; %s is not aliased", self.config.uri, self.name
-            )
-        return done
+        return self._call(point)  # type: ignore[no-any-return]
 
     def aliased(self) -> str | None:
-        """The collection the alias points at, or None."""
-
-        def describe(client: Any) -> str | None:
-            try:
-                return str(
-                    client.describe_alias(self.alias, timeout=self.config.timeout_s)["collection_name"]
-                )
-            except Exception:
-                return None
-
-        return self._call(describe)  # type: ignore[no-any-return]
+        """The collection `<prefix>_active` stands for, or None."""
+        return self._call(lambda c: self.generations.current(c, self.alias))  # type: ignore[no-any-return]
 
     def drop(self) -> None:
-        """Drop the collection (rebuild starts from nothing)."""
-        self._call(lambda c: c.drop_collection(self.name, timeout=self.config.timeout_s))
-        self._cache.clear()
+        """Drop the model: its name (and `<prefix>_active` where it stood for it) and every generation."""
+
+        def drop(client: Any) -> None:
+            gens = self.generations
+            current = gens.current(client, self.name)
+            if current is not None and gens.current(client, self.alias) == current:
+                gens.forget(client, self.alias)
+            gens.forget(client, self.name)
+            for g in gens.generations(client, self.name):
+                client.drop_collection(g, timeout=self.config.timeout_s)
+
+        self._call(drop)
+        self._pointer, self._size = None, (0, 0.0)
+        with self._cache_lock:
+            self._cache.clear()
+
+    def _target(self, client: Any) -> str:
+        """The name a data call uses: the alias itself (the server resolves it), or the pointer's
+        collection, re-read once it is a second old."""
+        if self.generations.probe(client):
+            return self.name
+        now = time.monotonic()
+        if self._pointer is None or now - self._pointer[1] >= POINTER_TTL_S:
+            current = self.generations.current(client, self.name)
+            if current is None:
+                return self.name  # nothing recorded: the call fails with the server's "not found"
+            self._pointer = (current, now)
+        return self._pointer[0]
 
     def _call(self, fn: Any) -> Any:
         if self._client is None:
@@ -296,9 +366,34 @@ class MilvusIndex:
                 f"Milvus at {self.config.uri} failed on collection {self.name}: {e}"
             ) from e
 
+    def _on(self, fn: Any, collection: str | None = None) -> Any:
+        """fn(client, collection) on `collection`, else on the model's current generation; a pointer that
+        named a generation dropped since it was read is read again, once."""
+
+        def run(client: Any) -> Any:
+            if collection is not None:
+                return fn(client, collection)
+            try:
+                return fn(client, self._target(client))
+            except Exception as e:
+                if self.generations.aliases or not not_found(e):
+                    raise
+                self._pointer = None
+                return fn(client, self._target(client))
+
+        return self._call(run)
+
     # --- writes -----------------------------------------------------------------------------------------
-    def add(self, rows: Sequence[SegmentRow], cls: np.ndarray, tokens: np.ndarray) -> None:
-        """Upsert segments: CLS [N, D] (normalised here) and frame tokens [N, T, D] fp16."""
+    def add(
+        self,
+        rows: Sequence[SegmentRow],
+        cls: np.ndarray,
+        tokens: np.ndarray,
+        *,
+        collection: str | None = None,
+    ) -> None:
+        """Upsert segments: CLS [N, D] (normalised here) and frame tokens [N, T, D] fp16; into the current
+        generation, or `collection` (a generation being filled)."""
         if not rows:
             return
         vecs = np.asarray(cls, np.float32).reshape(len(rows), self.dim)
@@ -317,13 +412,13 @@ class MilvusIndex:
             }
             for n, r in enumerate(rows)
         ]
-        self._call(lambda c: c.upsert(self.name, data, timeout=self.config.timeout_s))
+        self._on(lambda c, name: c.upsert(name, data, timeout=self.config.timeout_s), collection)
         self._size = (0, 0.0)
 
-    def delete(self, ids: Iterable[int]) -> None:
+    def delete(self, ids: Iterable[int], *, collection: str | None = None) -> None:
         ids = [int(i) for i in ids]
         if ids:
-            self._call(lambda c: c.delete(self.name, ids=ids, timeout=self.config.timeout_s))
+            self._on(lambda c, name: c.delete(name, ids=ids, timeout=self.config.timeout_s), collection)
             self._size = (0, 0.0)
 
     # --- what /health and /metrics describe ---------------------------------------------------------------
@@ -345,30 +440,32 @@ class MilvusIndex:
     # --- reads ------------------------------------------------------------------------------------------
     @property
     def size(self) -> int:
-        """Rows in the collection; a non-zero count is reused for a moment (every search batch asks)."""
+        """Rows in the current generation; a non-zero count is reused for a moment (every search batch asks)."""
         now = time.monotonic()
         if self._size[0] and now - self._size[1] < _SIZE_TTL_S:
             return self._size[0]
-        rows = self._call(
-            lambda c: c.query(self.name, filter="", output_fields=["count(*)"], timeout=self.config.timeout_s)
+        rows = self._on(
+            lambda c, name: c.query(
+                name, filter="", output_fields=["count(*)"], timeout=self.config.timeout_s
+            )
         )
         self._size = (int(rows[0]["count(*)"]) if rows else 0, now)
         return self._size[0]
 
-    def ids(self) -> np.ndarray:
-        """Every segment id in the collection (for verify)."""
-        out: list[int] = []
+    def ids(self, *, collection: str | None = None) -> np.ndarray:
+        """Every segment id in the current generation, or in `collection` (for verify and rebuild)."""
 
-        def scan(c: Any) -> None:
-            it = c.query_iterator(self.name, batch_size=4096, filter=f"{PK} >= 0", output_fields=[PK])
+        def scan(c: Any, name: str) -> list[int]:
+            out: list[int] = []
+            it = c.query_iterator(name, batch_size=4096, filter=f"{PK} >= 0", output_fields=[PK])
             try:
                 while batch := it.next():
                     out.extend(int(r[PK]) for r in batch)
             finally:
                 it.close()
+            return out
 
-        self._call(scan)
-        return np.array(sorted(out), np.int64)
+        return np.array(sorted(self._on(scan, collection)), np.int64)
 
     def search(
         self,
@@ -378,7 +475,9 @@ class MilvusIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """(cosine scores [B, k], segment ids [B, k]); empty slots are (-inf, -1).
 
-        Queries that share a filter expression go to Milvus in one call, with the filter pushed down.
+        Queries that share a filter expression go to Milvus in one call, with the filter pushed down. Where
+        the server returns FLOAT16_VECTOR fields with hits (`tokens_in_search`), the same call brings the
+        hits' tokens, kept for the `tokens()` call that follows; the first search finds out.
         """
         q = np.array(queries, dtype=np.float32, ndmin=2)
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
@@ -390,47 +489,97 @@ class MilvusIndex:
         for r in range(len(q)):
             groups.setdefault(filter_expression(filters[r] if filters else None), []).append(r)
         for expr, rows in groups.items():
-            hits = self._call(
-                lambda c, expr=expr, rows=rows: c.search(
-                    self.name,
-                    data=[q[r].tolist() for r in rows],
-                    anns_field=CLS,
-                    limit=min(k, 16384),
-                    filter=expr,
-                    search_params={"metric_type": "IP", "params": dict(self.config.search_params)},
-                    timeout=self.config.timeout_s,
-                )
-            )
+            hits = self._search(q[rows], min(k, 16384), expr)
             for r, row_hits in zip(rows, hits, strict=True):
                 for n, h in enumerate(row_hits):
                     out_s[r, n], out_i[r, n] = float(h["distance"]), int(h["id"])
         return out_s, out_i
 
+    def _search(self, q: np.ndarray, limit: int, expr: str) -> Any:
+        # Tokens ride along only while the cache can hold them all (else tokens() would fetch them again).
+        with_tokens = self.tokens_in_search is not False and len(q) * limit <= _TOKEN_CACHE
+        # While untried, fail at once rather than retry for the whole timeout: Milvus Lite 2.5.1 answers
+        # "Unexpected error in RPC handling" to a search for more than one hit with its tokens.
+        probing = {"timeout": None, "retry_times": 0} if self.tokens_in_search is None else {}
+
+        def call(c: Any, name: str, fields: list[str], **kw: Any) -> Any:
+            return c.search(
+                name,
+                data=q.tolist(),
+                anns_field=CLS,
+                limit=limit,
+                filter=expr,
+                output_fields=fields,
+                search_params={"metric_type": "IP", "params": dict(self.config.search_params)},
+                **{"timeout": self.config.timeout_s, **kw},
+            )
+
+        if not with_tokens:
+            return self._on(lambda c, name: call(c, name, []))
+        try:
+            hits = self._on(lambda c, name: call(c, name, [TOKENS], **probing))
+        except MilvusUnavailableError:
+            if self.tokens_in_search:
+                raise
+            hits = self._on(lambda c, name: call(c, name, []))  # unavailable after all: this raises too
+            self._learn_tokens_in_search(False, "a search with the tokens as an output field failed")
+            return hits
+        got = {}
+        for h in (h for row in hits for h in row):
+            value = (h.get("entity") or {}).get(TOKENS)
+            t = _fp16(value) if value is not None else None
+            if t is None or t.size != self.num_frames * self.dim:
+                # Milvus Lite 2.5.1 can return the first hit's tokens and None for the rest.
+                self._learn_tokens_in_search(False, "a hit came back without its tokens")
+                return hits
+            got[int(h["id"])] = t.reshape(self.num_frames, self.dim)
+        if len(got) > 1:  # one hit proves nothing: Milvus Lite 2.5.1 returns the tokens of a single hit
+            self._learn_tokens_in_search(True, "")
+        if self.tokens_in_search:
+            self._remember(got)
+        return hits
+
+    def _learn_tokens_in_search(self, works: bool, why: str) -> None:
+        if self.tokens_in_search is None:
+            self.tokens_in_search = works
+            if not works:
+                logger.info("Milvus at %s: %s; tokens are read with a second call", self.config.uri, why)
+
+    def _remember(self, got: dict[int, np.ndarray]) -> None:
+        with self._cache_lock:
+            for i, t in got.items():
+                self._cache[i] = t
+                self._cache.move_to_end(i)
+            while len(self._cache) > _TOKEN_CACHE:
+                self._cache.popitem(last=False)
+
     def tokens(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Frame tokens [N, T, D] fp16; raises MissingRecordError for ids the collection does not hold."""
+        """Frame tokens [N, T, D] fp16; raises MissingRecordError for ids the collection does not hold.
+
+        Tokens that came with the search are served from memory; the rest cost one `get` per 256 ids.
+        """
         ids = [int(i) for i in np.asarray(ids, np.int64).ravel()]
-        want = sorted({i for i in ids if i not in self._cache})
+        with self._cache_lock:
+            have = {i: self._cache[i] for i in ids if i in self._cache}
+        want = sorted({i for i in ids if i not in have})
         got: dict[int, np.ndarray] = {}
         for start in range(0, len(want), _GET_CHUNK):
             chunk = want[start : start + _GET_CHUNK]
-            rows = self._call(
-                lambda c, chunk=chunk: c.get(
-                    self.name, ids=chunk, output_fields=[TOKENS], timeout=self.config.timeout_s
+            rows = self._on(
+                lambda c, name, chunk=chunk: c.get(
+                    name, ids=chunk, output_fields=[TOKENS], timeout=self.config.timeout_s
                 )
             )
             for row in rows:
                 got[int(row[PK])] = _fp16(row[TOKENS]).reshape(self.num_frames, self.dim)
-        for i, t in got.items():
-            self._cache[i] = t
-        missing = [i for i in ids if i not in self._cache]
-        out = np.stack([self._cache[i] for i in ids if i in self._cache]) if len(missing) < len(ids) else None
-        while len(self._cache) > _TOKEN_CACHE:
-            self._cache.popitem(last=False)
+        self._remember(got)
+        have.update(got)
+        missing = [i for i in ids if i not in have]
         if missing:
             raise MissingRecordError(missing)
-        if out is None:
+        if not ids:
             return np.zeros((0, self.num_frames, self.dim), np.float16)
-        return out
+        return np.stack([have[i] for i in ids])
 
 
 def _fp16(value: Any) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from indexer import catalog
 from indexer.catalog import Segment, Video
 from indexer.db import session_scope
-from indexer.milvus_index import MilvusIndex, SegmentRow
+from indexer.milvus_index import POINTER_TTL_S, MilvusIndex, SegmentRow
 from indexer.paths import DataDir
 from indexer.token_store import TokenStore
 
@@ -48,8 +49,10 @@ def copy_from_store(
     session_factory: sessionmaker[Session],
     model_id: str,
     ids: Sequence[int],
+    collection: str | None = None,
 ) -> int:
-    """Insert catalog segments into the collection from the token store; returns how many were written."""
+    """Insert catalog segments into the current generation (or `collection`) from the token store; returns
+    how many were written."""
     with session_scope(session_factory) as session:
         model = catalog.get_model(session, model_id)
     if model is None or not ids:
@@ -61,7 +64,7 @@ def copy_from_store(
             if not rows:
                 continue
             tokens, cls = store.get([r.id for r in rows])
-            index.add(rows, cls, tokens)
+            index.add(rows, cls, tokens, collection=collection)
             written += len(rows)
     return written
 
@@ -86,11 +89,37 @@ def repair(
 
 
 def rebuild(index: MilvusIndex, data: DataDir, session_factory: sessionmaker[Session], model_id: str) -> int:
-    """Drop the collection and fill a new one with every catalog segment of the model (also: FAISS -> Milvus)."""
+    """Fill a new generation with every catalog segment of the model (also: FAISS -> Milvus) while searches
+    keep reading the current one, move the model's name to it, drop the old one; the segments it holds.
+
+    Writers keep writing to the current generation meanwhile: the catalog is compared with the new one
+    after the fill and again after the switch (past the pointer's lifetime on a server without aliases,
+    when every reader and writer has moved), and the difference copied in or deleted.
+    """
+    target = index.new_generation()
     with session_scope(session_factory) as session:
         ids = catalog.segment_ids_for_model(session, model_id)
-    index.drop()
-    index.open()
-    n = copy_from_store(index, data, session_factory, model_id, ids)
-    logger.info("rebuilt Milvus collection %s: %d segments", index.name, n)
+    copy_from_store(index, data, session_factory, model_id, ids, target)
+    _catch_up(index, data, session_factory, model_id, target)
+    index.switch_to(target)
+    if not index.generations.aliases:
+        time.sleep(POINTER_TTL_S)
+    n = _catch_up(index, data, session_factory, model_id, target)
+    logger.info("rebuilt Milvus name %s as %s: %d segments", index.name, target, n)
     return n
+
+
+def _catch_up(
+    index: MilvusIndex, data: DataDir, session_factory: sessionmaker[Session], model_id: str, target: str
+) -> int:
+    """Make generation `target` hold the catalog's segments (committed or deleted during a fill); its count."""
+    with session_scope(session_factory) as session:
+        ids = np.asarray(catalog.segment_ids_for_model(session, model_id), np.int64)
+    held = index.ids(collection=target)
+    missing, extra = np.setdiff1d(ids, held).tolist(), np.setdiff1d(held, ids).tolist()
+    if extra:
+        index.delete(extra, collection=target)
+    written = copy_from_store(index, data, session_factory, model_id, missing, target) if missing else 0
+    if written or extra:
+        logger.info("generation %s caught up: %d copied in, %d deleted", target, written, len(extra))
+    return len(held) - len(extra) + written

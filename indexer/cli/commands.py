@@ -169,13 +169,18 @@ def cmd_rebuild_index(env: Env) -> int:
         from indexer.milvus_sync import rebuild
 
         count = rebuild(milvus, env.data, factory, milvus.model_id)
+        collection = milvus.collection
         payload = {
             "model_id": milvus.model_id,
             "count": count,
             "backend": "milvus",
-            "collection": milvus.name,
+            "name": milvus.name,
+            "collection": collection,
+            "aliases": milvus.generations.aliases,
         }
-        env.emit(payload, f"rebuilt {milvus.model_id} in Milvus collection {milvus.name}: {count} segments")
+        how = "alias" if milvus.generations.aliases else "recorded pointer (this Milvus has no aliases)"
+        text = f"rebuilt {milvus.model_id} as Milvus collection {collection} ({how} {milvus.name}): {count} segments"
+        env.emit(payload, text)
         return 0
     s = env.settings
     resolve_index_device(s.index_device)  # an unusable GPU fails before any work

@@ -157,8 +157,62 @@ def test_reindex_on_milvus_fills_the_new_collection_and_moves_the_alias(
     assert new_id != old_id and len(new_segments) == 2
     with _collection(data, milvus_uri, new_id, dims) as new:
         assert new.ids().tolist() == new_segments
-        # Milvus Lite 2.5 has no aliases; a server (TVS_TEST_MILVUS_URI) must point the alias at the new one.
-        assert new.aliased() == (new.name if new.point_alias() else None)
+        # `<prefix>_active` now stands for the new model's generation: an alias on a server
+        # (TVS_TEST_MILVUS_URI), a recorded pointer on Milvus Lite 2.5, which has no aliases.
+        assert new.aliased() == new.collection == new.name + "_g1"
     with _collection(data, milvus_uri, old_id, dims) as old:
         assert old.ids().tolist() == old_segments, "the old generation is left as it was"
     assert _run(["verify", *base, "--model", str(other), "--json"])[0] == 0
+
+
+@pytest.mark.parametrize("server", ["as served", "aliases emulated"])
+def test_rebuild_index_fills_a_new_generation_while_searches_answer_from_the_old_one(
+    tmp_path: Path,
+    library: Path,
+    milvus_uri: str,
+    milvus_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    server: str,
+) -> None:
+    from helpers.milvus import AliasingClient, real_server_uri
+
+    from indexer import milvus_index, milvus_sync
+
+    if server == "aliases emulated":  # Milvus Lite made to act as a server with aliases, for every client
+        if real_server_uri() is not None:
+            pytest.skip("the server at TVS_TEST_MILVUS_URI has aliases of its own")
+        connect = milvus_index.connect
+        fake = AliasingClient(None)
+        monkeypatch.setattr(milvus_index, "connect", lambda config, attempts=5: fake.another(connect(config)))
+    monkeypatch.setenv("TVS_MILVUS_PREFIX", milvus_prefix)
+    data = DataDir(tmp_path / "data")
+    base = ["--data-dir", str(data.root), "--backend", "milvus", "--milvus-uri", milvus_uri]
+    assert main(["add", *base, "--model", "tiny", str(library)]) == 0
+    model_id, segments, dims = _state(data)
+    query = np.ones((1, int(dims[0])), np.float32)
+    with _collection(data, milvus_uri, model_id, dims) as reader:  # an API replica, say
+        old = reader.collection
+        before = reader.search(query, 5)[1]
+        assert sorted(before[0][before[0] >= 0].tolist()) == segments
+        seen = []
+        copy = milvus_sync.copy_from_store
+
+        def copy_then_search(index, *args, **kwargs):  # type: ignore[no-untyped-def]
+            n = copy(index, *args, **kwargs)
+            # Mid-rebuild: the new generation holds rows, the name still stands for the old one.
+            seen.append((reader.collection, reader.size, reader.search(query, 5)[1].tolist()))
+            return n
+
+        monkeypatch.setattr(milvus_sync, "copy_from_store", copy_then_search)
+        code, report = _run(["rebuild-index", *base, "--json"])
+        assert code == 0 and report["count"] == 2 and report["collection"] != old, report
+        assert seen and all(s == (old, 2, before.tolist()) for s in seen), seen
+        assert (
+            report["aliases"]
+            is reader.generations.aliases
+            is (server != "as served" or real_server_uri() is not None)
+        )
+        assert reader.collection == report["collection"] == report["name"] + "_g2"
+        np.testing.assert_array_equal(reader.search(query, 5)[1], before)
+        assert reader.generations.generations(reader._client, reader.name) == [report["collection"]]
+    assert _run(["verify", *base, "--json"])[0] == 0
