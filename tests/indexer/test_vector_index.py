@@ -190,6 +190,20 @@ def test_an_ivf_snapshot_in_the_old_id_map_layout_loads_as_one_holding_its_ids(t
     assert isinstance(faiss.read_index(str(path)), faiss.IndexIVFFlat)
 
 
+def test_deletes_a_gpu_ivf_index_held_as_tombstones_are_removed_when_its_snapshot_loads(
+    tmp_path: Path,
+) -> None:
+    # A GPU IVF index cannot remove ids: its snapshot (a CPU copy) still holds them, listed as tombstones.
+    db = _mixture(500, 16)
+    path = tmp_path / "gpu.faiss"
+    manifest = {"format": 2, "count": 497, "factory": "IVF16,Flat", "dim": D, "tombstones": [3, 7, 9]}
+    snapshot.write_snapshot(_ivf_flat(db, np.arange(500)), path, manifest)
+    loaded, _ = VectorIndex.load(path, nprobe=16)
+    assert len(loaded) == 497 and not loaded.contains([3, 7, 9]).any()
+    assert not np.isin(loaded.search(db[:20], 30)[1], [3, 7, 9]).any()
+    assert loaded.save(path, {})["tombstones"] == []  # removed from the index itself, not filtered
+
+
 def test_an_old_ivf_snapshot_whose_id_map_a_delete_shifted_is_refused(tmp_path: Path) -> None:
     # IndexIDMap2 compacts its id map on remove_ids, the IVF lists keep their positions: the old layout
     # answered for the wrong segments after a delete, and such a snapshot must be rebuilt, not loaded.
