@@ -1,7 +1,9 @@
 """Capacity figures: bytes per vector, RAM, single-query latency and recall of FAISS factories, token-store size.
 
-Builds each index the way the service does (``IndexIDMap2`` over ``index_factory(d, f, METRIC_INNER_PRODUCT)``
-on L2-normalised vectors) over clustered synthetic vectors, then prints one table row per factory:
+Builds each index in ``IndexIDMap2`` over ``index_factory(d, f, METRIC_INNER_PRODUCT)`` on L2-normalised
+vectors (the service does so for Flat, HNSW and the other non-IVF factories; an IVF index keeps the ids in
+its lists there, without the wrapper's 8 B a vector on disk and ~48 B in RAM) over clustered synthetic
+vectors, then prints one table row per factory:
 
 - ``B/vec``: serialized bytes / vectors at N (what ``index/<model>.faiss`` weighs on disk);
 - ``marg B/vec``: (bytes at N - bytes at N/2) / (N/2), the per-vector slope without fixed costs

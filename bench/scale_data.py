@@ -15,7 +15,7 @@ CENTRES = 4096
 LATENT = 32
 SPREAD = 0.5  # a cluster's standard deviation around its centre, in units of the centres' spread
 CHUNK = 65_536
-EXTRA = 10_000  # vectors beyond N: the live-apply batches add them
+EXTRA = 20_000  # vectors beyond N: the live-apply batches add them
 
 
 def cpu_name() -> str:

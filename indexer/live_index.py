@@ -54,10 +54,10 @@ def read_cls(store: TokenStore, ids: Sequence[int] | np.ndarray) -> tuple[np.nda
     kept, vecs = [], []
     for start in range(0, len(arr), _READ_CHUNK):
         chunk = arr[start : start + _READ_CHUNK]
-        chunk = chunk[store.has(chunk)]
-        if len(chunk):
-            kept.append(chunk)
-            vecs.append(store.get_cls(chunk).astype(np.float32))
+        valid, cls = store.get_cls_checked(chunk)  # one read and checksum a record, not has() then get()
+        if valid.any():
+            kept.append(chunk[valid])
+            vecs.append(cls[valid].astype(np.float32))
     if not kept:
         return np.zeros(0, np.int64), np.zeros((0, store.dim), np.float32)
     return np.concatenate(kept), np.concatenate(vecs)

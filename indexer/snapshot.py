@@ -23,7 +23,8 @@ from indexer.paths import fsync_dir
 
 logger = logging.getLogger(__name__)
 
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2  # 2: IVF indexes hold their segment ids (no IndexIDMap2 around them)
+READABLE_FORMATS = (1, 2)  # 1: every index in an IndexIDMap2; VectorIndex.load converts IVF ones
 _STALE_TMP_SECONDS = 3600
 _READ_ATTEMPTS = 5  # loads that raced a save in another process, read again
 _HASH_CHUNK = 1 << 20
@@ -170,9 +171,9 @@ def _matching_manifest(path: Path, digest: str) -> dict[str, Any]:
         if isinstance(manifest, dict) and manifest.get("sha256") == digest:
             if not {"count", "dim", "factory"} <= manifest.keys():
                 raise CorruptSnapshotError(f"{candidate} lacks count/dim/factory; rebuild the index")
-            if manifest.get("format") != SNAPSHOT_FORMAT:
+            if manifest.get("format") not in READABLE_FORMATS:
                 raise CorruptSnapshotError(
-                    f"{candidate} has format {manifest.get('format')}, expected {SNAPSHOT_FORMAT}"
+                    f"{candidate} has format {manifest.get('format')}, expected one of {READABLE_FORMATS}"
                 )
             if candidate != manifest_path:
                 logger.warning("using %s: the save that wrote %s was interrupted", candidate, path)

@@ -349,6 +349,12 @@ class TokenStore:
         """CLS vectors [N, D] fp16 in the order of ``ids``."""
         return self.get(ids)[1]
 
+    def get_cls_checked(self, ids: Iterable[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(valid [N] bool, CLS vectors [N, D] fp16) in one read: ``has`` and ``get_cls`` together, for a
+        caller that skips missing records (the rows of invalid ones hold garbage)."""
+        _, _, cls, valid = self._read(ids)
+        return valid, cls
+
     def has(self, ids: Iterable[int] | np.ndarray) -> np.ndarray:
         """bool [N]: the id has a record with a valid header and checksum."""
         return self._read(ids)[3]

@@ -1,5 +1,9 @@
 """FAISS index over segment CLS vectors: inner product on L2-normalised vectors, keyed by segment id.
 
+IVF indexes hold the segment ids in their inverted lists (``add_with_ids``); the others (Flat, HNSW, ...)
+are wrapped in ``IndexIDMap2``, whose id -> position hash map is rebuilt on every load: for a compressed
+IVF-PQ index (85 B a vector) that map, ~48 B a vector, was most of what a load held beside the file.
+
 Over 400 lines: one class whose FAISS index, live-id set, tombstones, reader/writer lock, search knobs and
 GPU placement are one piece of state that every method reads or changes together; the file I/O of
 snapshots is apart (snapshot.py), as are the id set (id_set.py) and the device choice (index_device.py).
@@ -123,6 +127,59 @@ def _ivf(index: faiss.Index) -> Any:
     return ivf
 
 
+def _stores_ids(base: faiss.Index) -> bool:
+    """Whether ``base`` keeps the ids given to add_with_ids itself (an IVF index, in its inverted lists), so
+    that no IndexIDMap2 is needed. HNSW and Flat number their vectors 0..n-1 and need the map."""
+    return isinstance(base, faiss.IndexIVF)
+
+
+def _list_ids(ivf: Any) -> np.ndarray:
+    """Every id an IVF index's inverted lists hold, list after list (int64 [ntotal], one copy)."""
+    invlists = ivf.invlists
+    out, at = np.empty(ivf.ntotal, np.int64), 0
+    for lst in range(ivf.nlist):
+        size = invlists.list_size(lst)
+        if size:
+            ptr = invlists.get_ids(lst)
+            out[at : at + size] = faiss.rev_swig_ptr(ptr, size)
+            invlists.release_ids(lst, ptr)
+            at += size
+    return out[:at]
+
+
+def _unwrap_ivf(mapped: Any, path: Path) -> Any:
+    """A copy of the IVF index inside an IndexIDMap2 snapshot (written before IVF indexes held their own
+    ids), with its inverted lists' positions replaced by the segment ids they stand for.
+
+    Raises CorruptSnapshotError when the positions are not 0..n-1 once each: IndexIDMap2 compacts its id
+    map on remove_ids while an IVF index keeps the positions it gave, so an old snapshot saved after a
+    delete maps some vectors to the wrong segments."""
+    ivf: Any = faiss.downcast_index(mapped.index)
+    invlists, id_map = ivf.invlists, faiss.vector_to_array(mapped.id_map)
+    seen = np.zeros(len(id_map), bool)
+    for lst in range(ivf.nlist):
+        size = invlists.list_size(lst)
+        if not size:
+            continue
+        ptr = invlists.get_ids(lst)
+        pos = faiss.rev_swig_ptr(ptr, size)  # a view: rewritten in place
+        valid = pos.min() >= 0 and pos.max() < len(id_map)
+        if valid:
+            seen[pos] = True
+            pos[:] = id_map[pos]
+        invlists.release_ids(lst, ptr)
+        if not valid:
+            break
+    if np.count_nonzero(seen) != ivf.ntotal:  # positions out of range, or some twice
+        raise CorruptSnapshotError(
+            f"{path}: an IVF snapshot in the IndexIDMap2 layout whose positions a delete shifted (a "
+            "segment's vector may answer for another); rebuild it from the token store"
+        )
+    # A copy the caller owns, made once per old snapshot (its next save is in the new layout): handing the
+    # wrapper's sub-index over by SWIG ownership flags left faiss's Python types broken once it was freed.
+    return faiss.clone_index(ivf)
+
+
 def _top_hnsw(index: faiss.Index) -> Any:
     inner = faiss.downcast_index(index)
     if isinstance(inner, faiss.IndexPreTransform):
@@ -131,7 +188,8 @@ def _top_hnsw(index: faiss.Index) -> Any:
 
 
 class VectorIndex:
-    """An ``IndexIDMap2`` over ``faiss.index_factory(dim, factory, METRIC_INNER_PRODUCT)``.
+    """``faiss.index_factory(dim, factory, METRIC_INNER_PRODUCT)``, in an ``IndexIDMap2`` unless it is an
+    IVF index (which stores the ids itself).
 
     Vectors are L2-normalised on the way in, queries too, so scores are cosine similarities.
     Indexes that cannot remove (HNSW) keep a tombstone set excluded at search; rebuilding compacts.
@@ -147,31 +205,46 @@ class VectorIndex:
         threads: int | None = None,
     ):
         if "IDMap" in factory:
-            raise ValueError(f"factory {factory!r}: leave out IDMap, ids are always mapped with IndexIDMap2")
+            raise ValueError(f"factory {factory!r}: leave out IDMap, ids are mapped by VectorIndex")
         try:
             base = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as e:
             raise ValueError(f"faiss cannot build factory {factory!r} for dim {dim}: {e}") from e
-        self._setup(faiss.IndexIDMap2(base), dim, factory, np.zeros(0, np.int64))
+        index = base if _stores_ids(base) else faiss.IndexIDMap2(base)
+        self._setup(index, dim, factory, np.zeros(0, np.int64))
         self.set_search_params(nprobe=nprobe, ef_search=ef_search, threads=threads)
 
-    def _setup(self, index: faiss.IndexIDMap2, dim: int, factory: str, tombstones: np.ndarray) -> None:
-        self._index: Any = index  # IndexIDMap2, or its GPU clone
+    def _setup(self, index: Any, dim: int, factory: str, tombstones: np.ndarray) -> None:
+        self._index: Any = index  # IndexIDMap2 or an IVF index; or its GPU clone
+        self._mapped = isinstance(index, faiss.IndexIDMap2)  # a GPU clone keeps the CPU wrapper
         self.dim, self.factory = dim, factory
         self._lock = _RWLock()
-        base = faiss.downcast_index(index.index)
+        base = faiss.downcast_index(self._base)
         self._removable = _can_remove(base)
         self._flat = base if type(base) is faiss.IndexFlat else None  # enables the torch batched path
         self._gpu_res: Any = None
         self._gpu_device = 0
         self.cpu_reason = ""  # why to_gpu() left the index on the CPU
         self._threads = 1
-        all_ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-        self._tombstones = np.unique(tombstones)
-        self._live = SortedIdSet(np.setdiff1d(all_ids, self._tombstones))
+        tombstones = np.unique(tombstones)
+        if len(tombstones) and self._removable:  # deletes a GPU index held as tombstones: removed now
+            index.remove_ids(faiss.IDSelectorBatch(tombstones))
+            tombstones = tombstones[:0]
+        self._tombstones = tombstones
+        all_ids = faiss.vector_to_array(index.id_map) if self._mapped else _list_ids(base)
+        if len(tombstones):
+            all_ids = all_ids[~np.isin(all_ids, tombstones)]
+        self._live = SortedIdSet.adopt(
+            all_ids
+        )  # no copy of the ids: a load peaks at the index + 8 B a vector
         self._params: Any = None
         self._selector: Any = None
         self._refresh_params()
+
+    @property
+    def _base(self) -> Any:
+        """The index that holds the vectors: inside the IndexIDMap2, or the (IVF) index itself."""
+        return self._index.index if self._mapped else self._index
 
     # --- configuration -------------------------------------------------------------------------------
     def set_search_params(
@@ -185,7 +258,7 @@ class VectorIndex:
                 if threads < 1:
                     raise ValueError(f"threads must be >= 1, got {threads}")
                 self._threads = threads
-            base = self._index.index
+            base = self._base
             if nprobe is not None:
                 ivf = _ivf(base)
                 if ivf is None or nprobe < 1:
@@ -203,8 +276,8 @@ class VectorIndex:
             self._refresh_params()
 
     def search_params(self) -> dict[str, int | None]:
-        ivf = _ivf(self._index.index)
-        hnsw = _top_hnsw(self._index.index)
+        ivf = _ivf(self._base)
+        hnsw = _top_hnsw(self._base)
         return {"nprobe": ivf.nprobe if ivf else None, "ef_search": hnsw.hnsw.efSearch if hnsw else None}
 
     def _refresh_params(self) -> None:
@@ -214,7 +287,7 @@ class VectorIndex:
             return
         batch = faiss.IDSelectorBatch(self._tombstones)
         self._selector = (batch, faiss.IDSelectorNot(batch))  # params do not own their selectors
-        top = faiss.downcast_index(self._index.index)
+        top = faiss.downcast_index(self._base)
         if isinstance(top, faiss.IndexHNSW):  # its params type also carries efSearch, which would reset
             self._params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
             self._params.efSearch = top.hnsw.efSearch
@@ -225,7 +298,7 @@ class VectorIndex:
     # --- state ---------------------------------------------------------------------------------------
     @property
     def needs_training(self) -> bool:
-        return not self._index.index.is_trained
+        return not self._base.is_trained
 
     @property
     def ntotal(self) -> int:
@@ -259,7 +332,7 @@ class VectorIndex:
 
     # --- mutation ------------------------------------------------------------------------------------
     def _centroids(self) -> int:
-        base = self._index.index
+        base = self._base
         ivf = faiss.try_extract_index_ivf(base)
         return max(ivf.nlist if ivf is not None else 1, _pq_centroids(base))
 
@@ -332,7 +405,7 @@ class VectorIndex:
         """(the index encoded for, codes) for an index whose codes can be computed without the lock; None
         for the others (HNSW, GPU, untrained: those add the vectors under the lock)."""
         index = self._index
-        base = faiss.downcast_index(index.index)
+        base = faiss.downcast_index(self._base)
         if self._gpu_res is not None or not isinstance(base, faiss.IndexIVF | faiss.IndexFlat):
             return None
         if not base.is_trained or not len(x):
@@ -456,7 +529,7 @@ class VectorIndex:
                 else:
                     self._index, self._gpu_res, self._flat = gpu_index, res, None
                     self._gpu_device = device
-                    self._removable = _can_remove(gpu_index.index)
+                    self._removable = _can_remove(self._base)
                     self._refresh_params()
                     return True
         self.cpu_reason = reason
@@ -474,7 +547,7 @@ class VectorIndex:
         # GPU indexes cannot remove ids: deleted ids are tombstones filtered after each search, which asks
         # for k + len(tombstones). Past a bound, drop them from a CPU copy and clone that back.
         cpu: Any = faiss.index_gpu_to_cpu(self._index)
-        if not _can_remove(cpu.index):
+        if not _can_remove(cpu.index if self._mapped else cpu):
             return
         cpu.remove_ids(faiss.IDSelectorBatch(self._tombstones))
         self._index = faiss.index_cpu_to_gpu(self._gpu_res, self._gpu_device, cpu, _cloner_options())
@@ -509,8 +582,10 @@ class VectorIndex:
         path = Path(path)
         manifest, index = read_snapshot(path)
         tombstones = np.asarray(manifest.get("tombstones", []), np.int64)
+        if isinstance(index, faiss.IndexIDMap2) and _stores_ids(faiss.downcast_index(index.index)):
+            index = _unwrap_ivf(index, path)  # format 1: IVF indexes were wrapped too
         if (
-            not isinstance(index, faiss.IndexIDMap2)
+            not (isinstance(index, faiss.IndexIDMap2) or _stores_ids(index))
             or index.d != manifest["dim"]
             or index.ntotal != manifest["count"] + len(tombstones)
         ):

@@ -64,6 +64,9 @@ def test_checksum_detects_a_corrupt_record(tmp_path: Path) -> None:
     shard.write_bytes(bytes(raw))
     with TokenStore(tmp_path, T, D, readonly=True) as reader:
         assert reader.has([3, 4]).tolist() == [False, True]
+        valid, got = reader.get_cls_checked([3, 4])  # one read: validity and vectors together
+        assert valid.tolist() == [False, True]
+        np.testing.assert_array_equal(got[1], cls[1].astype(np.float16))
         assert reader.verify([3, 4]) == [3]
         with pytest.raises(MissingRecordError):
             reader.get_tokens([4, 3])

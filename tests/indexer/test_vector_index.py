@@ -12,7 +12,7 @@ import faiss
 import numpy as np
 import pytest
 
-from indexer import vector_index
+from indexer import snapshot, vector_index
 from indexer.snapshot import CorruptSnapshotError, SnapshotNotFoundError
 from indexer.vector_index import (
     DuplicateIdError,
@@ -125,6 +125,93 @@ def test_ivf_recall_against_exact_search() -> None:
     print(f"IVF64,Flat nprobe=16 recall@10 = {recall:.3f} on {n} clustered vectors")
     assert recall >= 0.9
     assert index.remove(ids[:10]) == 10 and index.ntotal == n - 10
+
+
+def _ivf_flat(db: np.ndarray, ids: np.ndarray, mapped: bool = False) -> faiss.Index:
+    """A trained IVF16,Flat holding ``db`` under ``ids``: plain (format 2), or in an IndexIDMap2 (format 1)."""
+    ivf = faiss.index_factory(D, "IVF16,Flat", faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexIDMap2(ivf) if mapped else ivf
+    index.train(db)
+    index.add_with_ids(db, ids)
+    return index
+
+
+def test_an_ivf_index_holds_its_ids_without_an_id_map(tmp_path: Path) -> None:
+    db = _mixture(2000, 16)
+    ids = np.arange(2000) * 3 + 11
+    index = build_index(D, "IVF16,Flat", ids, db, nprobe=16)  # every list scanned: exact
+    assert isinstance(index._index, faiss.IndexIVF)  # no IndexIDMap2 and its id -> position hash map
+    gone = ids[100:1900:7]
+    assert index.remove(gone) == len(gone)
+    kept = np.setdiff1d(ids, gone)
+    rows = (kept - 11) // 3
+    top = index.search(db[rows[:300]], 3)[1]
+    np.testing.assert_array_equal(top[:, 0], kept[:300])  # each kept vector still answers for its own id
+    assert not np.isin(index.search(db[:200], 50)[1], gone).any()
+    index.add([5], db[:1])
+    np.testing.assert_array_equal(index.ids(), np.sort(np.append(kept, 5)))
+    path = tmp_path / "ivf.faiss"
+    index.save(path, {"model_id": "m"})
+    assert isinstance(faiss.read_index(str(path)), faiss.IndexIVFFlat)
+    loaded, manifest = VectorIndex.load(path)
+    assert manifest["format"] == 2 and manifest["nprobe"] == 16
+    np.testing.assert_array_equal(loaded.ids(), index.ids())
+    for a, b in zip(loaded.search(db[:50], 10), index.search(db[:50], 10), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert loaded.remove([5, 11]) == 2 and 5 not in loaded and 14 in loaded
+
+
+def _old_snapshot(tmp_path: Path, index: faiss.Index, count: int) -> Path:
+    path = tmp_path / "old.faiss"
+    manifest = {
+        "format": 1,
+        "count": count,
+        "factory": "IVF16,Flat",
+        "dim": D,
+        "tombstones": [],
+        "nprobe": 16,
+    }
+    snapshot.write_snapshot(index, path, manifest)
+    return path
+
+
+def test_an_ivf_snapshot_in_the_old_id_map_layout_loads_as_one_holding_its_ids(tmp_path: Path) -> None:
+    db = _mixture(1000, 16)
+    ids = np.arange(1000) * 5 + 2
+    path = _old_snapshot(tmp_path, _ivf_flat(db, ids, mapped=True), 1000)
+    loaded, manifest = VectorIndex.load(path)
+    assert manifest["format"] == 1 and isinstance(loaded._index, faiss.IndexIVF)
+    np.testing.assert_array_equal(loaded.ids(), ids)
+    np.testing.assert_array_equal(loaded.search(db[:100], 1)[1][:, 0], ids[:100])
+    assert loaded.remove(ids[:10]) == 10
+    np.testing.assert_array_equal(loaded.search(db[10:100], 1)[1][:, 0], ids[10:100])
+    loaded.save(path, manifest)  # written again in the new layout
+    assert VectorIndex.load(path)[1]["format"] == 2
+    assert isinstance(faiss.read_index(str(path)), faiss.IndexIVFFlat)
+
+
+def test_deletes_a_gpu_ivf_index_held_as_tombstones_are_removed_when_its_snapshot_loads(
+    tmp_path: Path,
+) -> None:
+    # A GPU IVF index cannot remove ids: its snapshot (a CPU copy) still holds them, listed as tombstones.
+    db = _mixture(500, 16)
+    path = tmp_path / "gpu.faiss"
+    manifest = {"format": 2, "count": 497, "factory": "IVF16,Flat", "dim": D, "tombstones": [3, 7, 9]}
+    snapshot.write_snapshot(_ivf_flat(db, np.arange(500)), path, manifest)
+    loaded, _ = VectorIndex.load(path, nprobe=16)
+    assert len(loaded) == 497 and not loaded.contains([3, 7, 9]).any()
+    assert not np.isin(loaded.search(db[:20], 30)[1], [3, 7, 9]).any()
+    assert loaded.save(path, {})["tombstones"] == []  # removed from the index itself, not filtered
+
+
+def test_an_old_ivf_snapshot_whose_id_map_a_delete_shifted_is_refused(tmp_path: Path) -> None:
+    # IndexIDMap2 compacts its id map on remove_ids, the IVF lists keep their positions: the old layout
+    # answered for the wrong segments after a delete, and such a snapshot must be rebuilt, not loaded.
+    db = _mixture(500, 16)
+    old = _ivf_flat(db, np.arange(500), mapped=True)
+    old.remove_ids(faiss.IDSelectorBatch(np.arange(10, 20)))
+    with pytest.raises(CorruptSnapshotError, match="rebuild"):
+        VectorIndex.load(_old_snapshot(tmp_path, old, 490))
 
 
 def test_training_with_too_few_vectors_suggests_flat() -> None:
