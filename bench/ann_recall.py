@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from indexer.vector_index import VectorIndex, build_index
+from indexer.index_build import build_index
+from indexer.vector_index import VectorIndex
 
 logger = logging.getLogger(__name__)
 

@@ -35,9 +35,10 @@ from bench.scale_data import (
     token_store_dir,
     vectors_path,
 )
+from indexer.index_build import build_index_from
 from indexer.live_index import read_cls
 from indexer.token_store import TokenStore
-from indexer.vector_index import VectorIndex, build_index_from
+from indexer.vector_index import VectorIndex
 
 K = 10
 

@@ -37,12 +37,12 @@ from app.searcher import Searcher
 from indexer import catalog
 from indexer.catalog import Segment, Video
 from indexer.db import make_engine, make_session_factory, session_scope, upgrade_database
+from indexer.index_build import build_index
 from indexer.live_index import LiveIndex
 from indexer.milvus_index import MilvusConfig, MilvusIndex, parse_index_spec
 from indexer.milvus_sync import rebuild
 from indexer.paths import DataDir
 from indexer.token_store import TokenStore
-from indexer.vector_index import build_index
 from model.checkpoint import load_model
 from model.inference import prepare_for_inference
 from model.openmp import release_openmp_threads

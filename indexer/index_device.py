@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 from indexer.errors import IndexerError, UserError
-from indexer.vector_index import gpu_unavailable_reason
+from indexer.faiss_parts import gpu_unavailable_reason
 
 logger = logging.getLogger(__name__)
 

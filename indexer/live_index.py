@@ -24,16 +24,12 @@ from indexer.changes import ChangeFollower, FeedLag, latest_seq
 from indexer.db import session_scope
 from indexer.errors import IndexerError, UserError
 from indexer.feed_compaction import DEFAULT_RETENTION_S, prune_model
+from indexer.index_build import build_index_from
 from indexer.index_device import resolve_index_device
 from indexer.paths import DataDir
 from indexer.snapshot import CorruptSnapshotError, SnapshotNotFoundError
 from indexer.token_store import TokenStore
-from indexer.vector_index import (
-    DuplicateIdError,
-    TrainingError,
-    VectorIndex,
-    build_index_from,
-)
+from indexer.vector_index import DuplicateIdError, TrainingError, VectorIndex
 
 logger = logging.getLogger(__name__)
 

@@ -5,17 +5,16 @@ are wrapped in ``IndexIDMap2``, whose id -> position hash map is rebuilt on ever
 IVF-PQ index (85 B a vector) that map, ~48 B a vector, was most of what a load held beside the file.
 
 Over 400 lines: one class whose FAISS index, live-id set, tombstones, reader/writer lock, search knobs and
-GPU placement are one piece of state that every method reads or changes together; the file I/O of
-snapshots is apart (snapshot.py), as are the id set (id_set.py) and the device choice (index_device.py).
+GPU placement are one piece of state that every method reads or changes together. Apart: the file I/O of
+snapshots (snapshot.py), the id set (id_set.py), the lock (rw_lock.py), questions about a faiss index's
+parts (faiss_parts.py), building an index in one go (index_build.py) and the device choice (index_device.py).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,20 @@ import numpy as np
 import torch
 
 from indexer.errors import IndexerError
+from indexer.faiss_parts import (
+    can_remove,
+    gpu_cloner_options,
+    gpu_unavailable_reason,
+    hnsw_part,
+    ivf_part,
+    list_ids,
+    omp_threads,
+    pq_centroids,
+    stores_ids,
+    unwrap_ivf,
+)
 from indexer.id_set import SortedIdSet
+from indexer.rw_lock import RWLock
 from indexer.snapshot import SNAPSHOT_FORMAT, CorruptSnapshotError, read_snapshot, write_snapshot
 
 logger = logging.getLogger(__name__)
@@ -32,7 +44,6 @@ logger = logging.getLogger(__name__)
 MIN_TRAIN_PER_CENTROID = 39  # below this faiss's k-means warns that centroids are poorly estimated
 TRAIN_PER_CENTROID = 256  # faiss's k-means samples down to this many points per centroid anyway
 MAX_TRAIN_SAMPLE = 131_072  # k-means time and the sample's float32 copy stay bounded on any library size
-BUILD_CHUNK = 65_536  # vectors read and added at a time when an index is built from a reader
 ADD_SLICE_SECONDS = 0.001  # work per hold of the write lock while a live add runs: what a search waits for
 ADD_SLICE_FIRST = 8  # vectors in a live add's first slice; later slices are sized from its time
 ADD_SLICE_MAX = 4096
@@ -53,138 +64,11 @@ class TrainingError(VectorIndexError, ValueError):
     """The index cannot be trained from the given vectors, or is used before training."""
 
 
-class _RWLock:
-    """Many concurrent searches, one exclusive mutation; waiting writers block new readers.
-
-    Readers that were waiting when a write ends go before the next writer, so a mutation applied in
-    slices (add()) lets the searches queued behind each slice run between slices instead of after all.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._waiting = 0  # writers
-        self._read_waiting = 0
-        self._owed = 0  # readers let in ahead of waiting writers when the last write ended
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            if self._writer or self._waiting:
-                self._read_waiting += 1
-                while self._writer or (self._waiting and not self._owed):
-                    self._cond.wait()
-                self._read_waiting -= 1
-                self._owed = max(self._owed - 1, 0)
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting += 1
-            while self._writer or self._readers or self._owed:
-                self._cond.wait()
-            self._waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._owed = self._read_waiting
-                self._cond.notify_all()
-
-
-def _as_ids(ids: Iterable[int] | np.ndarray) -> np.ndarray:
+def as_ids(ids: Iterable[int] | np.ndarray) -> np.ndarray:
     arr = np.asarray(ids)
     if arr.size and (arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer)):
         raise ValueError(f"ids must be a 1-D sequence of integers, got shape {arr.shape} {arr.dtype}")
     return arr.astype(np.int64).reshape(-1)
-
-
-def _can_remove(index: faiss.Index) -> bool:
-    try:
-        index.remove_ids(faiss.IDSelectorRange(0, 0))
-    except RuntimeError:
-        return False
-    return True
-
-
-def _ivf(index: faiss.Index) -> Any:
-    """The IVF part of a CPU index, or a GPU IVF clone (which has nprobe too); None for other types."""
-    ivf: Any = faiss.try_extract_index_ivf(index)
-    if ivf is None:
-        inner = faiss.downcast_index(index)
-        ivf = inner if type(inner).__name__.startswith("GpuIndexIVF") else None
-    return ivf
-
-
-def _stores_ids(base: faiss.Index) -> bool:
-    """Whether ``base`` keeps the ids given to add_with_ids itself (an IVF index, in its inverted lists), so
-    that no IndexIDMap2 is needed. HNSW and Flat number their vectors 0..n-1 and need the map."""
-    return isinstance(base, faiss.IndexIVF)
-
-
-def _list_ids(ivf: Any) -> np.ndarray:
-    """Every id an IVF index's inverted lists hold, list after list (int64 [ntotal], one copy)."""
-    invlists = ivf.invlists
-    out, at = np.empty(ivf.ntotal, np.int64), 0
-    for lst in range(ivf.nlist):
-        size = invlists.list_size(lst)
-        if size:
-            ptr = invlists.get_ids(lst)
-            out[at : at + size] = faiss.rev_swig_ptr(ptr, size)
-            invlists.release_ids(lst, ptr)
-            at += size
-    return out[:at]
-
-
-def _unwrap_ivf(mapped: Any, path: Path) -> Any:
-    """A copy of the IVF index inside an IndexIDMap2 snapshot (written before IVF indexes held their own
-    ids), with its inverted lists' positions replaced by the segment ids they stand for.
-
-    Raises CorruptSnapshotError when the positions are not 0..n-1 once each: IndexIDMap2 compacts its id
-    map on remove_ids while an IVF index keeps the positions it gave, so an old snapshot saved after a
-    delete maps some vectors to the wrong segments."""
-    ivf: Any = faiss.downcast_index(mapped.index)
-    invlists, id_map = ivf.invlists, faiss.vector_to_array(mapped.id_map)
-    seen = np.zeros(len(id_map), bool)
-    for lst in range(ivf.nlist):
-        size = invlists.list_size(lst)
-        if not size:
-            continue
-        ptr = invlists.get_ids(lst)
-        pos = faiss.rev_swig_ptr(ptr, size)  # a view: rewritten in place
-        valid = pos.min() >= 0 and pos.max() < len(id_map)
-        if valid:
-            seen[pos] = True
-            pos[:] = id_map[pos]
-        invlists.release_ids(lst, ptr)
-        if not valid:
-            break
-    if np.count_nonzero(seen) != ivf.ntotal:  # positions out of range, or some twice
-        raise CorruptSnapshotError(
-            f"{path}: an IVF snapshot in the IndexIDMap2 layout whose positions a delete shifted (a "
-            "segment's vector may answer for another); rebuild it from the token store"
-        )
-    # A copy the caller owns, made once per old snapshot (its next save is in the new layout): handing the
-    # wrapper's sub-index over by SWIG ownership flags left faiss's Python types broken once it was freed.
-    return faiss.clone_index(ivf)
-
-
-def _top_hnsw(index: faiss.Index) -> Any:
-    inner = faiss.downcast_index(index)
-    if isinstance(inner, faiss.IndexPreTransform):
-        inner = faiss.downcast_index(inner.index)
-    return inner if isinstance(inner, faiss.IndexHNSW) else None
 
 
 class VectorIndex:
@@ -210,7 +94,7 @@ class VectorIndex:
             base = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as e:
             raise ValueError(f"faiss cannot build factory {factory!r} for dim {dim}: {e}") from e
-        index = base if _stores_ids(base) else faiss.IndexIDMap2(base)
+        index = base if stores_ids(base) else faiss.IndexIDMap2(base)
         self._setup(index, dim, factory, np.zeros(0, np.int64))
         self.set_search_params(nprobe=nprobe, ef_search=ef_search, threads=threads)
 
@@ -218,9 +102,9 @@ class VectorIndex:
         self._index: Any = index  # IndexIDMap2 or an IVF index; or its GPU clone
         self._mapped = isinstance(index, faiss.IndexIDMap2)  # a GPU clone keeps the CPU wrapper
         self.dim, self.factory = dim, factory
-        self._lock = _RWLock()
+        self._lock = RWLock()
         base = faiss.downcast_index(self._base)
-        self._removable = _can_remove(base)
+        self._removable = can_remove(base)
         self._flat = base if type(base) is faiss.IndexFlat else None  # enables the torch batched path
         self._gpu_res: Any = None
         self._gpu_device = 0
@@ -231,7 +115,7 @@ class VectorIndex:
             index.remove_ids(faiss.IDSelectorBatch(tombstones))
             tombstones = tombstones[:0]
         self._tombstones = tombstones
-        all_ids = faiss.vector_to_array(index.id_map) if self._mapped else _list_ids(base)
+        all_ids = faiss.vector_to_array(index.id_map) if self._mapped else list_ids(base)
         if len(tombstones):
             all_ids = all_ids[~np.isin(all_ids, tombstones)]
         self._live = SortedIdSet.adopt(
@@ -260,14 +144,14 @@ class VectorIndex:
                 self._threads = threads
             base = self._base
             if nprobe is not None:
-                ivf = _ivf(base)
+                ivf = ivf_part(base)
                 if ivf is None or nprobe < 1:
                     raise ValueError(
                         f"nprobe={nprobe} needs an IVF factory and a value >= 1 ({self.factory!r})"
                     )
                 ivf.nprobe = min(nprobe, getattr(ivf, "nlist", nprobe))
             if ef_search is not None:
-                hnsw = _top_hnsw(base)
+                hnsw = hnsw_part(base)
                 if hnsw is None or ef_search < 1:
                     raise ValueError(
                         f"ef_search={ef_search} needs an HNSW factory and a value >= 1 ({self.factory!r})"
@@ -276,8 +160,8 @@ class VectorIndex:
             self._refresh_params()
 
     def search_params(self) -> dict[str, int | None]:
-        ivf = _ivf(self._base)
-        hnsw = _top_hnsw(self._base)
+        ivf = ivf_part(self._base)
+        hnsw = hnsw_part(self._base)
         return {"nprobe": ivf.nprobe if ivf else None, "ef_search": hnsw.hnsw.efSearch if hnsw else None}
 
     def _refresh_params(self) -> None:
@@ -314,7 +198,7 @@ class VectorIndex:
 
     def contains(self, ids: Iterable[int] | np.ndarray) -> np.ndarray:
         """bool [N]: which ids are live in the index."""
-        return self._live.contains(_as_ids(ids))
+        return self._live.contains(as_ids(ids))
 
     def __contains__(self, segment_id: object) -> bool:
         return isinstance(segment_id, int | np.integer) and bool(self.contains([int(segment_id)])[0])
@@ -334,7 +218,7 @@ class VectorIndex:
     def _centroids(self) -> int:
         base = self._base
         ivf = faiss.try_extract_index_ivf(base)
-        return max(ivf.nlist if ivf is not None else 1, _pq_centroids(base))
+        return max(ivf.nlist if ivf is not None else 1, pq_centroids(base))
 
     @property
     def train_sample_size(self) -> int:
@@ -390,7 +274,7 @@ class VectorIndex:
         append codes; HNSW inserts into its graph under the lock, a few vectors a slice. With an int
         ``slice_size`` the vectors go in that many at a time with faiss's default threads: building an
         index nothing searches yet, pass the whole batch (faiss adds large batches faster)."""
-        arr, x = _as_ids(ids), self._prepare(vecs, "vectors")
+        arr, x = as_ids(ids), self._prepare(vecs, "vectors")
         if len(arr) != len(x):
             raise ValueError(f"got {len(arr)} ids for {len(x)} vectors")
         if len(np.unique(arr)) != len(arr):
@@ -398,7 +282,7 @@ class VectorIndex:
         if slice_size is not None:
             self._add_slices(arr, x, max(slice_size, 1), None, timed=False)
             return
-        with _omp_threads(1):
+        with omp_threads(1):
             self._add_slices(arr, x, ADD_SLICE_FIRST, self._encode(x), timed=True)
 
     def _encode(self, x: np.ndarray) -> tuple[Any, np.ndarray] | None:
@@ -450,7 +334,7 @@ class VectorIndex:
 
     def remove(self, ids: Iterable[int] | np.ndarray) -> int:
         """Remove ids (absent ids are ignored); returns how many were removed."""
-        arr = np.unique(_as_ids(ids))
+        arr = np.unique(as_ids(ids))
         with self._lock.write():
             gone = arr[self.contains(arr)]
             if not len(gone):
@@ -483,7 +367,7 @@ class VectorIndex:
                     # Beyond the GPU's top-k limit (a selective filter's over-fetch): rare, so a CPU copy.
                     logger.debug("k=%d is over the GPU limit %d: searching a CPU copy", fetch, _GPU_MAX_K)
                     index = faiss.index_gpu_to_cpu(self._index)
-                with _omp_threads(self._threads):
+                with omp_threads(self._threads):
                     scores, ids = index.search(q, fetch, params=self._params)
                 if fetch > k:  # on a GPU, tombstones are filtered after the search
                     scores, ids = _drop(scores, ids, self._tombstones, k)
@@ -521,7 +405,7 @@ class VectorIndex:
                     return True
                 res = faiss.StandardGpuResources()
                 try:
-                    gpu_index: Any = faiss.index_cpu_to_gpu(res, device, self._index, _cloner_options())
+                    gpu_index: Any = faiss.index_cpu_to_gpu(res, device, self._index, gpu_cloner_options())
                 except RuntimeError as e:
                     reason = (
                         f"factory {self.factory!r} cannot move to the GPU ({str(e).strip().splitlines()[0]})"
@@ -529,7 +413,7 @@ class VectorIndex:
                 else:
                     self._index, self._gpu_res, self._flat = gpu_index, res, None
                     self._gpu_device = device
-                    self._removable = _can_remove(self._base)
+                    self._removable = can_remove(self._base)
                     self._refresh_params()
                     return True
         self.cpu_reason = reason
@@ -547,10 +431,10 @@ class VectorIndex:
         # GPU indexes cannot remove ids: deleted ids are tombstones filtered after each search, which asks
         # for k + len(tombstones). Past a bound, drop them from a CPU copy and clone that back.
         cpu: Any = faiss.index_gpu_to_cpu(self._index)
-        if not _can_remove(cpu.index if self._mapped else cpu):
+        if not can_remove(cpu.index if self._mapped else cpu):
             return
         cpu.remove_ids(faiss.IDSelectorBatch(self._tombstones))
-        self._index = faiss.index_cpu_to_gpu(self._gpu_res, self._gpu_device, cpu, _cloner_options())
+        self._index = faiss.index_cpu_to_gpu(self._gpu_res, self._gpu_device, cpu, gpu_cloner_options())
         self._tombstones = np.zeros(0, np.int64)
 
     def save(self, path: Path | str, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -582,10 +466,10 @@ class VectorIndex:
         path = Path(path)
         manifest, index = read_snapshot(path)
         tombstones = np.asarray(manifest.get("tombstones", []), np.int64)
-        if isinstance(index, faiss.IndexIDMap2) and _stores_ids(faiss.downcast_index(index.index)):
-            index = _unwrap_ivf(index, path)  # format 1: IVF indexes were wrapped too
+        if isinstance(index, faiss.IndexIDMap2) and stores_ids(faiss.downcast_index(index.index)):
+            index = unwrap_ivf(index, path)  # format 1: IVF indexes were wrapped too
         if (
-            not (isinstance(index, faiss.IndexIDMap2) or _stores_ids(index))
+            not (isinstance(index, faiss.IndexIDMap2) or stores_ids(index))
             or index.d != manifest["dim"]
             or index.ntotal != manifest["count"] + len(tombstones)
         ):
@@ -600,93 +484,6 @@ class VectorIndex:
             threads=threads,
         )
         return obj, manifest
-
-
-def build_index(
-    dim: int,
-    factory: str,
-    ids: Iterable[int] | np.ndarray,
-    vecs: np.ndarray | torch.Tensor,
-    *,
-    nprobe: int | None = None,
-    ef_search: int | None = None,
-    threads: int | None = None,
-) -> VectorIndex:
-    """A new index holding ``vecs`` under ``ids``, trained on the same vectors when the factory needs it."""
-    index = VectorIndex(dim, factory, nprobe=nprobe, ef_search=ef_search, threads=threads)
-    if index.needs_training:
-        index.train(vecs)
-    index.add(ids, vecs, slice_size=len(vecs))
-    return index
-
-
-VectorReader = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-
-
-def build_index_from(
-    dim: int,
-    factory: str,
-    ids: Iterable[int] | np.ndarray,
-    read: VectorReader,
-    *,
-    chunk: int = BUILD_CHUNK,
-    seed: int = 0,
-) -> VectorIndex:
-    """A new index over ``ids``, whose vectors ``read(ids) -> (ids found, vectors)`` supplies: trained on a
-    random sample of ``train_sample_size`` ids, then filled ``chunk`` ids at a time, so that no more than
-    the index and one chunk are in RAM (never every vector as float32 just to train). Ids ``read`` does
-    not return are left out."""
-    arr = _as_ids(ids)
-    index = VectorIndex(dim, factory)
-    if index.needs_training:
-        size = min(len(arr), index.train_sample_size)
-        sample = np.sort(np.random.default_rng(seed).choice(arr, size, replace=False))
-        index.train(read(sample)[1])
-    for start in range(0, len(arr), chunk):
-        found, vecs = read(arr[start : start + chunk])
-        index.add(found, vecs, slice_size=len(found))
-    return index
-
-
-def gpu_unavailable_reason(device: int = 0) -> str | None:
-    """None when faiss can put an index on GPU ``device``; otherwise why not, in words."""
-    if not hasattr(faiss, "StandardGpuResources"):
-        return "faiss has no GPU support (faiss-cpu is installed; the `gpu` extra installs faiss-gpu)"
-    visible = faiss.get_num_gpus()
-    if device >= visible:
-        return f"faiss sees {visible} CUDA device(s), so there is no cuda:{device}"
-    return None
-
-
-def _cloner_options() -> Any:
-    options = faiss.GpuClonerOptions()
-    options.useFloat16 = True  # half the GPU memory; scores within fp16 rounding of the CPU index's
-    return options
-
-
-def _pq_centroids(base: faiss.Index) -> int:
-    for candidate in (faiss.downcast_index(base), faiss.try_extract_index_ivf(base)):
-        pq = getattr(faiss.downcast_index(candidate), "pq", None) if candidate is not None else None
-        if pq is not None:
-            return int(pq.ksub)
-    return 1
-
-
-@contextmanager
-def _omp_threads(n: int) -> Iterator[None]:
-    """Run with n OpenMP threads in this thread, then restore the previous count.
-
-    faiss and torch share one libgomp (torch loads it into the global symbol scope) and the thread count
-    is a per-thread setting of that runtime, so a bare faiss.omp_set_num_threads(1) also left every later
-    torch op in the calling thread on one core: the search service's batch thread, which encodes the next
-    queries, lost its second thread (one query encoded in 19.5 ms instead of 12.4, see docs/BENCHMARKS.md).
-    """
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(n)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
 
 
 def _drop(

@@ -25,7 +25,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         return
     import torch
 
-    from indexer.vector_index import gpu_unavailable_reason
+    from indexer.faiss_parts import gpu_unavailable_reason
 
     reason = gpu_unavailable_reason(0)
     if reason is None and not torch.cuda.is_available():

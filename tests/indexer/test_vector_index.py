@@ -13,14 +13,9 @@ import numpy as np
 import pytest
 
 from indexer import snapshot, vector_index
+from indexer.index_build import build_index, build_index_from
 from indexer.snapshot import CorruptSnapshotError, SnapshotNotFoundError
-from indexer.vector_index import (
-    DuplicateIdError,
-    TrainingError,
-    VectorIndex,
-    build_index,
-    build_index_from,
-)
+from indexer.vector_index import DuplicateIdError, TrainingError, VectorIndex
 
 D = 32
 
