@@ -11,6 +11,12 @@ UNIMPLEMENTED; there the name is a row in a small metadata collection, `<prefix>
 decided once per client by `probe` (one `list_aliases` call), and every method here asks it: the two
 kinds of server run the same steps, with one branch each where they differ.
 
+While `indexer rebuild-index` fills a generation, the meta collection also holds a **next record** under
+`<name>.next` (on both kinds of server): the rebuild's owner, its lease expiry (unix time) and the
+generation being filled, as JSON in the `target` field. Writers read it (indexer.milvus_index) and write to
+that generation too; a second rebuild finds it and refuses while the lease is live
+(indexer.milvus_rebuild_lease).
+
 A library written before generations (one collection named like the model) is taken over on first
 open: with aliases the collection is renamed to `<name>_g1` and the alias created; without, the pointer
 records the old collection itself as the current generation (generation 0).
@@ -18,8 +24,10 @@ records the old collection itself as the current generation (generation 0).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from dataclasses import asdict, dataclass
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -37,6 +45,20 @@ def not_found(error: BaseException) -> bool:
     """Whether a client error says the collection is not there (dropped after a switch, say)."""
     text = str(error).lower()
     return "collection not found" in text or "can't find collection" in text or "not exist" in text
+
+
+@dataclass(frozen=True)
+class NextRecord:
+    """A rebuild in progress: who runs it, until when its lease holds, what it fills ('' until created)."""
+
+    owner: str
+    expires: float  # unix time: past it, another rebuild may take over
+    collection: str = ""
+
+
+def next_key(name: str) -> str:
+    """The meta row of `name`'s next record (a dot: never a collection's or an alias's name)."""
+    return f"{name}.next"
 
 
 class Generations:
@@ -130,6 +152,32 @@ class Generations:
         self.point(client, name, target)
         logger.info("Milvus collection %s is now generation %s of %s", name, target, name)
         return target
+
+    # --- the next record (a rebuild in progress) ---------------------------------------------------------
+    def read_next(self, client: Any, name: str) -> NextRecord | None:
+        """The rebuild in progress on `name`, or None."""
+        self._ensure_meta(client)
+        key = next_key(name)
+        rows = client.query(
+            self.meta, filter=f'{NAME} == "{key}"', output_fields=[TARGET], timeout=self.timeout_s
+        )
+        if not rows:
+            return None
+        fields = json.loads(str(rows[0][TARGET]))
+        return NextRecord(str(fields["owner"]), float(fields["expires"]), str(fields.get("collection", "")))
+
+    def write_next(self, client: Any, name: str, record: NextRecord) -> None:
+        self._ensure_meta(client)
+        text = json.dumps(asdict(record), separators=(",", ":"))
+        if len(text) > _NAME_MAX:
+            raise ValueError(f"next record {text!r} is longer than {_NAME_MAX} characters")
+        client.upsert(
+            self.meta, [{NAME: next_key(name), TARGET: text, _VEC: [0.0, 0.0]}], timeout=self.timeout_s
+        )
+
+    def clear_next(self, client: Any, name: str) -> None:
+        self._ensure_meta(client)
+        client.delete(self.meta, filter=f'{NAME} == "{next_key(name)}"', timeout=self.timeout_s)
 
     def _ensure_meta(self, client: Any) -> None:
         if self._meta_ready:

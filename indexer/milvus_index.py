@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from indexer.errors import IndexerError, UserError
-from indexer.milvus_generations import Generations, not_found
+from indexer.milvus_generations import Generations, NextRecord, not_found
 from indexer.token_store import MissingRecordError
 
 logger = logging.getLogger(__name__)
@@ -191,7 +191,8 @@ class MilvusIndex:
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._size = (0, 0.0)  # (count, monotonic time it was read)
-        self._pointer: tuple[str, float] | None = None  # no aliases: (collection, monotonic time read)
+        self._pointer: tuple[str, float] | None = None  # (current collection, monotonic time read)
+        self._next: tuple[str | None, float] | None = None  # (generation a rebuild fills, time read)
         # Whether a search can return the hits' tokens (None: not tried yet; the first search tries).
         self.tokens_in_search: bool | None = None
 
@@ -299,6 +300,16 @@ class MilvusIndex:
         logger.info("Milvus name %s now stands for %s (dropped %s)", self.name, collection, dropped or "none")
         return dropped  # type: ignore[no-any-return]
 
+    def drop_generation(self, collection: str) -> None:
+        """Drop one generation that the name does not stand for (a rebuild's, left unfinished)."""
+
+        def drop(client: Any) -> None:
+            if collection == self.generations.current(client, self.name):
+                raise ValueError(f"{collection} is the current generation of {self.name}")
+            client.drop_collection(collection, timeout=self.config.timeout_s)
+
+        self._call(drop)
+
     @property
     def alias(self) -> str:
         """`<prefix>_active`: the generation of the catalog's active model, for readers outside the service."""
@@ -331,11 +342,12 @@ class MilvusIndex:
             if current is not None and gens.current(client, self.alias) == current:
                 gens.forget(client, self.alias)
             gens.forget(client, self.name)
+            gens.clear_next(client, self.name)
             for g in gens.generations(client, self.name):
                 client.drop_collection(g, timeout=self.config.timeout_s)
 
         self._call(drop)
-        self._pointer, self._size = None, (0, 0.0)
+        self._pointer, self._next, self._size = None, None, (0, 0.0)
         with self._cache_lock:
             self._cache.clear()
 
@@ -384,6 +396,11 @@ class MilvusIndex:
         return self._call(run)
 
     # --- writes -----------------------------------------------------------------------------------------
+    # While `indexer rebuild-index` fills a generation (the next record, milvus_generations.NextRecord),
+    # every write goes to the current generation AND to that one. A writer that read "no rebuild" just
+    # before one began wrote the current generation only: `complete_add`, after the catalog commit, reads
+    # the next record afresh and copies the rows into whatever generation lacks them. A rebuild copies in
+    # what was committed before it looked, so between the two nothing committed is missed.
     def add(
         self,
         rows: Sequence[SegmentRow],
@@ -391,15 +408,61 @@ class MilvusIndex:
         tokens: np.ndarray,
         *,
         collection: str | None = None,
-    ) -> None:
+    ) -> frozenset[str]:
         """Upsert segments: CLS [N, D] (normalised here) and frame tokens [N, T, D] fp16; into the current
-        generation, or `collection` (a generation being filled)."""
+        generation (and the one a rebuild fills, if any), or only into `collection`. Returns the
+        collections written, for `complete_add`."""
         if not rows:
-            return
+            return frozenset()
+        data = self._data(rows, cls, tokens)
+        written = self._write(lambda c, name: c.upsert(name, data, timeout=self.config.timeout_s), collection)
+        self._size = (0, 0.0)
+        return written
+
+    def complete_add(
+        self, rows: Sequence[SegmentRow], cls: np.ndarray, tokens: np.ndarray, written: frozenset[str]
+    ) -> frozenset[str]:
+        """After the catalog commit of rows `add` wrote to `written`: upsert them into the current generation
+        and the one a rebuild fills (both read afresh) where they are not yet; the collections added."""
+        if not rows:
+            return frozenset()
+
+        def run(client: Any) -> frozenset[str]:
+            self._pointer = None
+            _, current = self._current(client)
+            upcoming = self._upcoming(client, fresh=True)
+            want = {current} | ({upcoming} if upcoming else set())
+            added = set()
+            for name in sorted(want - written):
+                try:
+                    client.upsert(name, data, timeout=self.config.timeout_s)
+                    added.add(name)
+                except Exception as e:
+                    if not not_found(e):
+                        raise
+            return frozenset(added)
+
+        data = self._data(rows, cls, tokens)
+        added = self._call(run)
+        if added:
+            logger.info("rows %s..%s also written to %s after commit", rows[0].id, rows[-1].id, sorted(added))
+        return added  # type: ignore[no-any-return]
+
+    def delete(self, ids: Iterable[int], *, collection: str | None = None) -> None:
+        """Delete rows from the current generation and the one a rebuild fills (read afresh: a delete
+        follows its catalog commit), or only from `collection`."""
+        ids = [int(i) for i in ids]
+        if ids:
+            self._write(
+                lambda c, name: c.delete(name, ids=ids, timeout=self.config.timeout_s), collection, True
+            )
+            self._size = (0, 0.0)
+
+    def _data(self, rows: Sequence[SegmentRow], cls: np.ndarray, tokens: np.ndarray) -> list[dict[str, Any]]:
         vecs = np.asarray(cls, np.float32).reshape(len(rows), self.dim)
         vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
         flat = np.asarray(tokens, np.float16).reshape(len(rows), self.num_frames * self.dim)
-        data = [
+        return [
             {
                 PK: int(r.id),
                 VIDEO: int(r.video_id),
@@ -412,14 +475,67 @@ class MilvusIndex:
             }
             for n, r in enumerate(rows)
         ]
-        self._on(lambda c, name: c.upsert(name, data, timeout=self.config.timeout_s), collection)
-        self._size = (0, 0.0)
 
-    def delete(self, ids: Iterable[int], *, collection: str | None = None) -> None:
-        ids = [int(i) for i in ids]
-        if ids:
-            self._on(lambda c, name: c.delete(name, ids=ids, timeout=self.config.timeout_s), collection)
-            self._size = (0, 0.0)
+    def _write(self, fn: Any, collection: str | None, fresh: bool = False) -> frozenset[str]:
+        """fn(client, name) on `collection`, else on the current generation and the one being filled; the
+        collections it reached (the current one as last resolved: on a server the alias decides)."""
+        if collection is not None:
+            self._on(fn, collection)
+            return frozenset({collection})
+
+        def run(client: Any) -> frozenset[str]:
+            call, current = self._current(client)
+            try:
+                fn(client, call)
+            except Exception as e:
+                if self.generations.aliases or not not_found(e):
+                    raise
+                self._pointer = None  # named a generation a rebuild has dropped since
+                call, current = self._current(client)
+                fn(client, call)
+            written = {current}
+            upcoming = self._upcoming(client, fresh)
+            if upcoming is not None and upcoming not in written:
+                try:
+                    fn(client, upcoming)
+                    written.add(upcoming)
+                except Exception as e:
+                    if not not_found(e):
+                        raise
+                    self._next = None  # the rebuild gave up (or finished) and dropped it
+            return frozenset(written)
+
+        return self._call(run)  # type: ignore[no-any-return]
+
+    def _current(self, client: Any) -> tuple[str, str]:
+        """(the name a write uses, the collection it stands for as last read: at most POINTER_TTL_S old)."""
+        now = time.monotonic()
+        if self._pointer is None or now - self._pointer[1] >= POINTER_TTL_S:
+            current = self.generations.current(client, self.name)
+            if current is None:
+                return self.name, self.name  # nothing recorded: the call fails with the server's "not found"
+            self._pointer = (current, now)
+        return (self.name if self.generations.aliases else self._pointer[0]), self._pointer[0]
+
+    def _upcoming(self, client: Any, fresh: bool) -> str | None:
+        """The generation a rebuild is filling (read afresh, or at most POINTER_TTL_S old), or None."""
+        now = time.monotonic()
+        if fresh or self._next is None or now - self._next[1] >= POINTER_TTL_S:
+            record = self.generations.read_next(client, self.name)
+            self._next = ((record.collection if record else "") or None, now)
+        return self._next[0]
+
+    def next_record(self) -> NextRecord | None:
+        """The rebuild in progress on this model's name (milvus_rebuild_lease), or None."""
+        return self._call(lambda c: self.generations.read_next(c, self.name))  # type: ignore[no-any-return]
+
+    def write_next_record(self, record: NextRecord | None) -> None:
+        """Record (None: clear) the rebuild in progress; writers see it within POINTER_TTL_S."""
+        if record is None:
+            self._call(lambda c: self.generations.clear_next(c, self.name))
+        else:
+            self._call(lambda c: self.generations.write_next(c, self.name, record))
+        self._next = None
 
     # --- what /health and /metrics describe ---------------------------------------------------------------
     @property

@@ -156,7 +156,11 @@ CommitHook = Callable[[Session, VideoTask], None]
 class VectorSink(Protocol):
     """A vector database the writer keeps in step with the catalog (indexer.milvus_index.MilvusIndex)."""
 
-    def add(self, rows: Sequence[SegmentRow], cls: np.ndarray, tokens: np.ndarray) -> None: ...
+    def add(self, rows: Sequence[SegmentRow], cls: np.ndarray, tokens: np.ndarray) -> frozenset[str]: ...
+
+    def complete_add(
+        self, rows: Sequence[SegmentRow], cls: np.ndarray, tokens: np.ndarray, written: frozenset[str]
+    ) -> frozenset[str]: ...
 
     def delete(self, ids: Iterable[int]) -> None: ...
 
@@ -201,6 +205,7 @@ class Writer:
                 ids, np.stack([s.tokens for s in segments]), np.stack([s.cls for s in segments])
             )
         self.store.flush()  # tokens durable before the rows that make them searchable
+        written: frozenset[str] = frozenset()
         if self.sink is not None:
             # Before the catalog commit: the searcher drops hits the catalog does not have, so a crash
             # here leaves stray rows that nothing returns (verify --repair removes them).
@@ -211,11 +216,11 @@ class Writer:
                 SegmentRow(i, vid, s.start_s, s.end_s, created, info.duration_s)
                 for i, s in zip(ids, segments, strict=True)
             ]
-            self.sink.add(
-                rows_out,
+            sink_cls, sink_tokens = (
                 np.stack([s.cls for s in segments]),
                 np.stack([s.tokens for s in segments]),
             )
+            written = self.sink.add(rows_out, sink_cls, sink_tokens)
         rows = [
             NewSegment(i, s.ordinal, s.start_s, s.end_s, data.thumb_relpath(vid, s.ordinal))
             for i, s in zip(ids, segments, strict=True)
@@ -231,6 +236,18 @@ class Writer:
                 video.status, video.error = "ready", None
             if self._on_commit is not None:
                 self._on_commit(session, task)
+        if self.sink is not None:
+            # A rebuild that began between the write and the commit fills a generation the write missed:
+            # the sink copies the rows there now (after the commit, so the rebuild's own comparison
+            # either saw them committed or is followed by this).
+            try:
+                self.sink.complete_add(rows_out, sink_cls, sink_tokens, written)
+            except Exception as e:  # committed and searchable: only a rebuild's new generation may lack them
+                logger.warning(
+                    "video %s committed, but its rows may be missing from a Milvus generation being rebuilt "
+                    "(%s); run `indexer verify --backend milvus --repair` after the rebuild",
+                    vid, e,
+                )  # fmt: skip
         if replaced:
             self.store.free(replaced)
             self.store.flush()
