@@ -36,6 +36,10 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
         409,
         "retry of a job that is not failed or cancelled, or cancel of a finished one",
     ),
+    "rebuild_in_progress": (
+        409,
+        "`indexer rebuild-index --backend milvus` while another rebuild of the model holds the lease (CLI: exit 2)",
+    ),
     "source_not_found": (404, "POST /videos {path}: the file does not exist"),
     "not_found": (404, "no such route"),
     "method_not_allowed": (405, "the route does not take this method"),

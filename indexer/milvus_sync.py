@@ -14,6 +14,7 @@ from indexer import catalog
 from indexer.catalog import Segment, Video
 from indexer.db import session_scope
 from indexer.milvus_index import POINTER_TTL_S, MilvusIndex, SegmentRow
+from indexer.milvus_rebuild_lease import LEASE_S, RebuildLease
 from indexer.paths import DataDir
 from indexer.token_store import TokenStore
 
@@ -88,38 +89,88 @@ def repair(
     return actions
 
 
-def rebuild(index: MilvusIndex, data: DataDir, session_factory: sessionmaker[Session], model_id: str) -> int:
+def rebuild(
+    index: MilvusIndex,
+    data: DataDir,
+    session_factory: sessionmaker[Session],
+    model_id: str,
+    *,
+    lease_s: float = LEASE_S,
+) -> int:
     """Fill a new generation with every catalog segment of the model (also: FAISS -> Milvus) while searches
     keep reading the current one, move the model's name to it, drop the old one; the segments it holds.
 
-    Writers keep writing to the current generation meanwhile: the catalog is compared with the new one
-    after the fill and again after the switch (past the pointer's lifetime on a server without aliases,
-    when every reader and writer has moved), and the difference copied in or deleted.
+    One rebuild per model at a time (milvus_rebuild_lease: a second one raises RebuildInProgressError).
+    The generation being filled is published in the next record first, so writers write to it too, and a
+    writer that missed the record copies its rows in after its catalog commit (MilvusIndex.complete_add).
+    What was committed before that is copied from the token store: the catalog is compared with the new
+    generation after the fill and again after the switch. A row is deleted from the new generation only
+    once this rebuild has seen it live in the catalog and then gone (ids are never reused): a row a writer
+    has written but not yet committed is left alone.
     """
-    target = index.new_generation()
-    with session_scope(session_factory) as session:
-        ids = catalog.segment_ids_for_model(session, model_id)
-    copy_from_store(index, data, session_factory, model_id, ids, target)
-    _catch_up(index, data, session_factory, model_id, target)
-    index.switch_to(target)
-    if not index.generations.aliases:
-        time.sleep(POINTER_TTL_S)
-    n = _catch_up(index, data, session_factory, model_id, target)
+    with RebuildLease(index, lease_s=lease_s) as lease:
+        target = index.new_generation()
+        switched = False
+        try:
+            lease.publish(target)
+            seen: set[int] = set()
+            with session_scope(session_factory) as session:
+                ids = catalog.segment_ids_for_model(session, model_id)
+            seen.update(ids)
+            copy_from_store(index, data, session_factory, model_id, ids, target)
+            _catch_up(index, data, session_factory, model_id, target, seen)
+            lease.check()
+            index.switch_to(target)
+            switched = True
+            # Every process's pointer (and cached physical name) now names `target` before writers stop
+            # reading the next record, which the lease's exit clears.
+            time.sleep(POINTER_TTL_S)
+            n = _catch_up(index, data, session_factory, model_id, target, seen)
+        except BaseException:
+            if not switched:
+                _drop_quietly(index, target)
+            raise
     logger.info("rebuilt Milvus name %s as %s: %d segments", index.name, target, n)
     return n
 
 
-def _catch_up(
-    index: MilvusIndex, data: DataDir, session_factory: sessionmaker[Session], model_id: str, target: str
-) -> int:
-    """Make generation `target` hold the catalog's segments (committed or deleted during a fill); its count."""
+def _drop_quietly(index: MilvusIndex, collection: str) -> None:
+    try:
+        index.drop_generation(collection)
+    except Exception as e:  # the next rebuild's switch drops it
+        logger.warning("could not drop the unfinished generation %s (%s)", collection, e)
+
+
+def _live_ids(session_factory: sessionmaker[Session], model_id: str) -> np.ndarray:
     with session_scope(session_factory) as session:
-        ids = np.asarray(catalog.segment_ids_for_model(session, model_id), np.int64)
+        return np.asarray(catalog.segment_ids_for_model(session, model_id), np.int64)
+
+
+def _catch_up(
+    index: MilvusIndex,
+    data: DataDir,
+    session_factory: sessionmaker[Session],
+    model_id: str,
+    target: str,
+    seen: set[int],
+) -> int:
+    """Make generation `target` hold the catalog's segments (committed or deleted during a fill); the
+    catalog's count. `seen`: every id this rebuild has read as live (a row is deleted only if in it)."""
+    ids = _live_ids(session_factory, model_id)
+    seen.update(ids.tolist())
     held = index.ids(collection=target)
-    missing, extra = np.setdiff1d(ids, held).tolist(), np.setdiff1d(held, ids).tolist()
-    if extra:
-        index.delete(extra, collection=target)
+    missing = np.setdiff1d(ids, held).tolist()
+    gone = [i for i in np.setdiff1d(held, ids).tolist() if i in seen]
+    if gone:
+        index.delete(gone, collection=target)
     written = copy_from_store(index, data, session_factory, model_id, missing, target) if missing else 0
-    if written or extra:
-        logger.info("generation %s caught up: %d copied in, %d deleted", target, written, len(extra))
-    return len(held) - len(extra) + written
+    if missing:
+        # A copy races a delete: read live, deleted (from `target` too), then inserted here. Delete again
+        # what the catalog no longer has; a delete committed after this look reaches `target` itself.
+        back = np.setdiff1d(missing, _live_ids(session_factory, model_id)).tolist()
+        if back:
+            index.delete(back, collection=target)
+            gone += back
+    if written or gone:
+        logger.info("generation %s caught up: %d copied in, %d deleted", target, written, len(gone))
+    return len(ids)
