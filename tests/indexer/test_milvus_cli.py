@@ -123,7 +123,12 @@ def _run(args: list[str]) -> tuple[int, dict]:
 
 
 def test_rebuild_index_backend_milvus_moves_a_faiss_library_into_milvus(
-    tmp_path: Path, library: Path, milvus_uri: str, milvus_prefix: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    library: Path,
+    milvus_uri: str,
+    milvus_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("TVS_MILVUS_PREFIX", milvus_prefix)
     data = DataDir(tmp_path / "data")
@@ -138,6 +143,20 @@ def test_rebuild_index_backend_milvus_moves_a_faiss_library_into_milvus(
             np.testing.assert_array_equal(milvus.tokens(segments), store.get_tokens(segments))
     code, report = _run(["verify", *base, "--backend", "milvus", "--milvus-uri", milvus_uri, "--json"])
     assert code == 0 and report["index_missing"] == [] and report["index_extra"] == []
+
+    # Another rebuild of the model holds the lease: this one exits 2 at once, and changes nothing.
+    import time
+
+    from indexer.milvus_generations import NextRecord
+
+    with _collection(data, milvus_uri, model_id, dims) as milvus:
+        current = milvus.collection
+        milvus.write_next_record(NextRecord("other-host:7:abc", time.time() + 60, ""))
+    args = ["rebuild-index", *base, "--backend", "milvus", "--milvus-uri", milvus_uri]
+    assert main(args) == 2
+    assert "another `indexer rebuild-index` is rebuilding Milvus name" in capsys.readouterr().err
+    with _collection(data, milvus_uri, model_id, dims) as milvus:
+        assert milvus.collection == current and milvus.ids().tolist() == segments
 
 
 def test_reindex_on_milvus_fills_the_new_collection_and_moves_the_alias(

@@ -345,3 +345,34 @@ def test_a_rebuild_that_lost_its_lease_stops_before_switching(
     assert filling.collection not in index.generations.generations(index._client, index.name)
     record = index.next_record()
     assert record is not None and record.owner == "other-host:1:cafe", "the other rebuild's record stays"
+
+
+class MemoryIndex:
+    """Just the next record, in memory (a lease needs nothing else of MilvusIndex)."""
+
+    name = "tvs_m"
+
+    def __init__(self) -> None:
+        self.record: NextRecord | None = None
+
+    def next_record(self) -> NextRecord | None:
+        return self.record
+
+    def write_next_record(self, record: NextRecord | None) -> None:
+        self.record = record
+
+
+def test_the_lease_is_renewed_while_held_and_cleared_after() -> None:
+    from indexer.milvus_rebuild_lease import RebuildLease
+
+    index = MemoryIndex()
+    with RebuildLease(index, lease_s=0.3, settle_s=0.0) as lease:  # type: ignore[arg-type]
+        first = index.record
+        assert first is not None and first.owner == lease.owner
+        time.sleep(0.45)  # past the lease: a heartbeat (every 0.1 s) has moved it on
+        renewed = index.record
+        assert renewed is not None and renewed.expires > first.expires + 0.2
+        assert renewed.expires > time.time()
+        with pytest.raises(RebuildInProgressError):  # a second claimant meanwhile
+            RebuildLease(index, lease_s=0.3, settle_s=0.0).__enter__()  # type: ignore[arg-type]
+    assert index.record is None
