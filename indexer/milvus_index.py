@@ -9,8 +9,8 @@ segment, so a crash in between leaves nothing searchable (`indexer verify --repa
 A search brings its hits' tokens in the same call where the server can (probed on the first search);
 Milvus Lite 2.5.1 cannot, and there `tokens()` reads them with one `get` per 256 ids.
 
-About 700 lines: one backend class (schema, generations, writes to one or two generations, search, tokens) behind the searcher's
-seam; the catalog comparison and rebuild are apart (milvus_sync.py), and so is the alias/pointer logic.
+About 700 lines: one backend class (schema, generations, writes to one or two generations, search,
+tokens) behind the searcher's seam; the catalog comparison and rebuild are apart (milvus_sync.py), and so is the alias/pointer logic.
 """
 
 from __future__ import annotations
