@@ -10,7 +10,8 @@ A search brings its hits' tokens in the same call where the server can (probed o
 Milvus Lite 2.5.1 cannot, and there `tokens()` reads them with one `get` per 256 ids.
 
 About 700 lines: one backend class (schema, generations, writes to one or two generations, search,
-tokens) behind the searcher's seam; the catalog comparison and rebuild are apart (milvus_sync.py), and so is the alias/pointer logic.
+tokens) behind the searcher's seam; the catalog comparison and rebuild are apart (milvus_sync.py), and
+so are the alias/pointer logic (milvus_generations.py) and the rebuild lease (milvus_rebuild_lease.py).
 """
 
 from __future__ import annotations
