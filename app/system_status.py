@@ -15,7 +15,7 @@ from app.services import Services
 from app.settings import Settings
 from indexer import catalog
 from indexer.live_index import LiveIndex
-from indexer.milvus_index import MilvusUnavailableError
+from indexer.milvus_schema import MilvusUnavailableError
 
 logger = logging.getLogger(__name__)
 

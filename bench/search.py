@@ -39,7 +39,8 @@ from indexer.catalog import Segment, Video
 from indexer.db import make_engine, make_session_factory, session_scope, upgrade_database
 from indexer.index_build import build_index
 from indexer.live_index import LiveIndex
-from indexer.milvus_index import MilvusConfig, MilvusIndex, parse_index_spec
+from indexer.milvus_index import MilvusIndex
+from indexer.milvus_schema import MilvusConfig, parse_index_spec
 from indexer.milvus_sync import rebuild
 from indexer.paths import DataDir
 from indexer.token_store import TokenStore

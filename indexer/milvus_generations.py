@@ -1,6 +1,6 @@
 """Which collection a model's Milvus name stands for: a generation behind an alias, or behind a pointer.
 
-A model's searchable name (`milvus_index.collection_name(prefix, model_id)`) holds no rows itself: it
+A model's searchable name (`milvus_schema.collection_name(prefix, model_id)`) holds no rows itself: it
 names the complete generation `<name>_g<N>`. `indexer rebuild-index` fills `<name>_g<N+1>` beside it
 while searches keep reading generation N, moves the name in one call and then drops generation N.
 

@@ -9,168 +9,52 @@ segment, so a crash in between leaves nothing searchable (`indexer verify --repa
 A search brings its hits' tokens in the same call where the server can (probed on the first search);
 Milvus Lite 2.5.1 cannot, and there `tokens()` reads them with one `get` per 256 ids.
 
-About 700 lines: one backend class (schema, generations, writes to one or two generations, search,
-tokens) behind the searcher's seam; the catalog comparison and rebuild are apart (milvus_sync.py), and
-so are the alias/pointer logic (milvus_generations.py) and the rebuild lease (milvus_rebuild_lease.py).
+About 590 lines: one backend class (generations, writes to one or two generations, search, tokens)
+behind the searcher's seam, whose client, generation cache, token cache and probes are one piece of state.
+Apart: the field layout, names, filter expressions and connection (milvus_schema.py), the catalog
+comparison and rebuild (milvus_sync.py), the alias/pointer logic (milvus_generations.py) and the rebuild
+lease (milvus_rebuild_lease.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from indexer.errors import IndexerError, UserError
 from indexer.milvus_generations import Generations, NextRecord, not_found
+from indexer.milvus_schema import (
+    CLS,
+    CREATED,
+    DURATION,
+    END,
+    PK,
+    START,
+    TOKENS,
+    VIDEO,
+    MilvusConfig,
+    MilvusUnavailableError,
+    SegmentFilterLike,
+    SegmentRow,
+    collection_name,
+    connect,
+    filter_expression,
+    micros,
+    safe_name,
+)
 from indexer.token_store import MissingRecordError
 
 logger = logging.getLogger(__name__)
 
-PK, VIDEO, START, END, CREATED, DURATION, CLS, TOKENS = (
-    "id",
-    "video_id",
-    "start",
-    "end",
-    "created_at",
-    "duration",
-    "cls",
-    "tokens",
-)
-_SEARCH_KEYS = {"nprobe", "ef", "itopk_size", "search_width", "search_list", "radius", "range_filter"}
 _TOKEN_CACHE = 4096  # tokens of recent hits, by id (ids are never reused, so an entry never goes stale)
 _GET_CHUNK = 256
 _SIZE_TTL_S = 1.0
 POINTER_TTL_S = 1.0  # how long a reader trusts a generation pointer it read (servers without aliases)
-
-
-class MilvusUnavailableError(IndexerError, RuntimeError):
-    """The vector database could not be reached or refused a call; the caller may retry later."""
-
-
-class MilvusIndexSpecError(IndexerError, UserError, ValueError):
-    """TVS_MILVUS_INDEX is not `TYPE` or `TYPE:key=value,...`."""
-
-
-class SegmentFilterLike(Protocol):
-    """What a pushed-down filter carries (app.search_types.SearchFilter has these fields)."""
-
-    @property
-    def video_ids(self) -> frozenset[int] | None: ...
-    @property
-    def min_duration_s(self) -> float | None: ...
-    @property
-    def max_duration_s(self) -> float | None: ...
-    @property
-    def created_after(self) -> datetime | None: ...
-    @property
-    def created_before(self) -> datetime | None: ...
-
-
-@dataclass(frozen=True)
-class MilvusConfig:
-    """Where the collection lives and how its CLS field is indexed.
-
-    uri: a file path ending in `.db` (Milvus Lite, embedded) or `http://host:19530` (a server or cluster).
-    """
-
-    uri: str
-    token: str = ""
-    index_type: str = "FLAT"
-    index_params: dict[str, Any] = field(default_factory=dict)
-    search_params: dict[str, Any] = field(default_factory=dict)
-    prefix: str = "tvs"
-    timeout_s: float = 10.0
-
-
-def parse_index_spec(spec: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """`FLAT`, `IVF_FLAT:nlist=1024,nprobe=16`, `HNSW:M=16,efConstruction=200,ef=64` -> (type, build, search)."""
-    kind, _, rest = spec.strip().partition(":")
-    if not re.fullmatch(r"[A-Z][A-Z0-9_]*", kind):
-        raise MilvusIndexSpecError(
-            f"TVS_MILVUS_INDEX={spec!r}: expected an index type such as FLAT, IVF_FLAT or HNSW, "
-            "optionally followed by ':key=value,...' (e.g. IVF_FLAT:nlist=1024,nprobe=16)"
-        )
-    build: dict[str, Any] = {}
-    search: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, value = part.partition("=")
-        if not eq or not key.strip() or not value.strip():
-            raise MilvusIndexSpecError(f"TVS_MILVUS_INDEX={spec!r}: {part!r} is not key=value")
-        number: Any = float(value) if "." in value else int(value) if value.strip().isdigit() else value
-        (search if key.strip() in _SEARCH_KEYS else build)[key.strip()] = number
-    return kind, build, search
-
-
-def collection_name(prefix: str, model_id: str) -> str:
-    """A valid Milvus name for a model id (letters, digits, `_`), unique by a hash of the exact id."""
-    readable = re.sub(r"[^A-Za-z0-9_]", "_", model_id)[:48]
-    digest = hashlib.sha256(model_id.encode()).hexdigest()[:10]
-    return f"{_safe(prefix)}_{readable}_{digest}"
-
-
-def _safe(prefix: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_]", "_", prefix)
-
-
-def filter_expression(f: SegmentFilterLike | None) -> str:
-    """The Milvus boolean expression for a search filter ('' for none)."""
-    if f is None:
-        return ""
-    parts = []
-    if f.video_ids is not None:
-        parts.append(f"{VIDEO} in [{', '.join(str(int(v)) for v in sorted(f.video_ids))}]")
-    if f.min_duration_s is not None:
-        parts.append(f"{DURATION} >= {float(f.min_duration_s)!r}")
-    if f.max_duration_s is not None:
-        parts.append(f"{DURATION} <= {float(f.max_duration_s)!r}")
-    if f.created_after is not None:
-        parts.append(f"{CREATED} > {_micros(f.created_after)}")
-    if f.created_before is not None:
-        parts.append(f"{CREATED} < {_micros(f.created_before)}")
-    return " and ".join(parts)
-
-
-def _micros(t: datetime) -> int:
-    # The catalog stores naive UTC datetimes.
-    aware = t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
-    return int(aware.timestamp() * 1_000_000)
-
-
-@dataclass(frozen=True)
-class SegmentRow:
-    """One segment as the collection stores it."""
-
-    id: int
-    video_id: int
-    start_s: float
-    end_s: float
-    created_at: datetime
-    duration_s: float | None
-
-
-def connect(config: MilvusConfig, attempts: int = 5) -> Any:
-    """A MilvusClient; Milvus Lite's server may need a moment to open its socket, so retry briefly."""
-    from pymilvus import MilvusClient
-
-    last: Exception | None = None
-    for n in range(attempts):
-        try:
-            return MilvusClient(uri=config.uri, token=config.token, timeout=config.timeout_s)
-        except Exception as e:  # pymilvus raises several types for "cannot connect"
-            last = e
-            time.sleep(0.3 * (n + 1))
-    raise MilvusUnavailableError(
-        f"cannot reach Milvus at {config.uri} ({last}); check TVS_MILVUS_URI and that the server is up"
-    ) from last
 
 
 class MilvusIndex:
@@ -186,7 +70,7 @@ class MilvusIndex:
     def __init__(self, config: MilvusConfig, model_id: str, dim: int, num_frames: int) -> None:
         self.config, self.model_id, self.dim, self.num_frames = config, model_id, dim, num_frames
         self.name = collection_name(config.prefix, model_id)
-        self.generations = Generations(_safe(config.prefix), config.timeout_s)
+        self.generations = Generations(safe_name(config.prefix), config.timeout_s)
         self._client: Any = None
         self._lock = threading.Lock()
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -314,7 +198,7 @@ class MilvusIndex:
     @property
     def alias(self) -> str:
         """`<prefix>_active`: the generation of the catalog's active model, for readers outside the service."""
-        return f"{_safe(self.config.prefix)}_active"
+        return f"{safe_name(self.config.prefix)}_active"
 
     def point_alias(self) -> str:
         """Point `<prefix>_active` at this model's current generation (after a reindex switched the active
@@ -469,7 +353,7 @@ class MilvusIndex:
                 VIDEO: int(r.video_id),
                 START: float(r.start_s),
                 END: float(r.end_s),
-                CREATED: _micros(r.created_at),
+                CREATED: micros(r.created_at),
                 DURATION: float(r.duration_s) if r.duration_s is not None else -1.0,
                 CLS: vecs[n],
                 TOKENS: flat[n],

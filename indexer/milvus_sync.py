@@ -13,8 +13,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from indexer import catalog
 from indexer.catalog import Segment, Video
 from indexer.db import session_scope
-from indexer.milvus_index import POINTER_TTL_S, MilvusIndex, SegmentRow
+from indexer.milvus_index import POINTER_TTL_S, MilvusIndex
 from indexer.milvus_rebuild_lease import LEASE_S, RebuildLease
+from indexer.milvus_schema import SegmentRow
 from indexer.paths import DataDir
 from indexer.token_store import TokenStore
 

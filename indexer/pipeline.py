@@ -27,7 +27,7 @@ from indexer.catalog import NewSegment, VideoNotAvailableError
 from indexer.db import session_scope, utcnow
 from indexer.errors import IndexerError
 from indexer.ingest import delete_segments, release_pending
-from indexer.milvus_index import SegmentRow
+from indexer.milvus_schema import SegmentRow
 from indexer.paths import DataDir
 from indexer.token_store import TokenStore
 from model import video

@@ -19,7 +19,7 @@ from pydantic_settings import (
 from indexer.feed_compaction import DEFAULT_RETENTION_S
 
 if TYPE_CHECKING:
-    from indexer.milvus_index import MilvusConfig
+    from indexer.milvus_schema import MilvusConfig
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class SharedSettings(BaseSettings):
     @field_validator("milvus_index")
     @classmethod
     def _milvus_index(cls, value: str) -> str:
-        from indexer.milvus_index import MilvusIndexSpecError, parse_index_spec
+        from indexer.milvus_schema import MilvusIndexSpecError, parse_index_spec
 
         try:
             parse_index_spec(value)
@@ -138,7 +138,7 @@ class SharedSettings(BaseSettings):
 
     def milvus_config(self) -> MilvusConfig:
         """Where and how the Milvus backend stores a library (TVS_MILVUS_*)."""
-        from indexer.milvus_index import MilvusConfig, parse_index_spec
+        from indexer.milvus_schema import MilvusConfig, parse_index_spec
 
         kind, build, search = parse_index_spec(self.milvus_index)
         return MilvusConfig(

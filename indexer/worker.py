@@ -25,7 +25,7 @@ from indexer.db import session_scope, utcnow
 from indexer.downloads import Download, download_job
 from indexer.errors import IndexerError
 from indexer.failures import failure_reason
-from indexer.milvus_index import MilvusUnavailableError
+from indexer.milvus_schema import MilvusUnavailableError
 from indexer.paths import DataDir
 from indexer.pipeline import (
     Encoder,

@@ -12,7 +12,7 @@ from app.errors import ApiError
 from app.page_tokens import PageTokenError
 from app.schemas import Problem, SearchRequest, SearchResponse
 from app.search_service import run_search
-from indexer.milvus_index import MilvusUnavailableError
+from indexer.milvus_schema import MilvusUnavailableError
 
 logger = logging.getLogger(__name__)
 

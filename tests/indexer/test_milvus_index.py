@@ -10,10 +10,9 @@ from datetime import datetime, timedelta
 import numpy as np
 import pytest
 
-from indexer.milvus_index import (
-    POINTER_TTL_S,
+from indexer.milvus_index import POINTER_TTL_S, MilvusIndex
+from indexer.milvus_schema import (
     MilvusConfig,
-    MilvusIndex,
     MilvusIndexSpecError,
     MilvusUnavailableError,
     SegmentRow,

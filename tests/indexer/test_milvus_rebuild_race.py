@@ -27,8 +27,9 @@ from indexer.db import make_engine, make_session_factory, session_scope
 from indexer.errors import IndexerError, UserError
 from indexer.ingest import delete_video
 from indexer.milvus_generations import NextRecord
-from indexer.milvus_index import MilvusConfig, MilvusIndex
+from indexer.milvus_index import MilvusIndex
 from indexer.milvus_rebuild_lease import RebuildInProgressError
+from indexer.milvus_schema import MilvusConfig
 from indexer.paths import DataDir
 from indexer.pipeline import EncodedSegment, VideoTask, Writer
 from indexer.token_store import TokenStore
