@@ -35,6 +35,7 @@ from bench.scale_data import (
     token_store_dir,
     vectors_path,
 )
+from indexer.faiss_parts import gpu_unavailable_reason
 from indexer.index_build import build_index_from
 from indexer.live_index import read_cls
 from indexer.token_store import TokenStore
@@ -185,11 +186,14 @@ def child_build(args: argparse.Namespace) -> None:
     build_s = time.perf_counter() - start
     build_peak = rss_mib() - base_rss
     snap = work / f"snapshot-{n}-{kind}.faiss"
-    index.save(snap, {"bench": "scale"})
+    index.save(snap, {"bench": "scale"})  # from the CPU, as the service's snapshots are
+    if args.index_device != "cpu" and not index.to_gpu(gpu_number(args.index_device)):
+        raise SystemExit(f"bench.scale: --index-device {args.index_device}: {index.cpu_reason}")
     store = TokenStore(token_store_dir(work, n), 1, DIM, readonly=True)
     common = {
         "n": n,
         "kind": kind,
+        "device": args.index_device,
         "factory": factory,
         "train_vectors": train_vectors,
         "build_s": round(build_s, 1),
@@ -252,9 +256,15 @@ def run_child(mode: str, n: int, kind: str, argv: list[str]) -> list[dict[str, A
     return [json.loads(line[4:]) for line in out.stdout.splitlines() if line.startswith("ROW ")]
 
 
+def gpu_number(device: str) -> int:
+    """`cuda` -> 0, `cuda:N` -> N."""
+    return int(device.partition(":")[2] or 0)
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     keys = [
         "n",
+        "device",
         "factory",
         "knobs",
         "build_s",
@@ -311,6 +321,13 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
         "--switch-interval", type=float, help="ms: the GIL switch interval of the build child (Python's: 5)"
     )
     p.add_argument("--quiet-s", type=float, default=1.0, help="seconds of searching between batches")
+    p.add_argument(
+        "--index-device",
+        default="cpu",
+        choices=["cpu", "cuda", *(f"cuda:{n}" for n in range(16))],
+        help="where the built index is searched (and the live batches applied): cpu, or a GPU as "
+        "TVS_INDEX_DEVICE names it (faiss-gpu; fp16 storage); the snapshot is saved and loaded on the CPU",
+    )
     p.add_argument("--child", choices=["build", "load"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.live_runs * args.apply_batches * args.apply_batch > EXTRA:
@@ -326,10 +343,13 @@ def main() -> None:
     if args.child == "load":
         return child_load(args)
     rows: list[dict[str, Any]] = json.loads(args.out.read_text()) if args.out.exists() else []
-    done = {(r["n"], r["kind"]) for r in rows}
+    if args.index_device != "cpu" and (reason := gpu_unavailable_reason(gpu_number(args.index_device))):
+        print(f"bench.scale: --index-device {args.index_device}: {reason}", file=sys.stderr)
+        raise SystemExit(2)
+    done = {(r["n"], r["kind"], r.get("device", "cpu")) for r in rows}
     print(f"{cpu_name()}, {os.cpu_count()} CPUs, faiss {faiss.__version__}, load average {os.getloadavg()}")
     for n in args.sizes:
-        todo = [kind for kind in args.kinds if (n, kind) not in done]
+        todo = [kind for kind in args.kinds if (n, kind, args.index_device) not in done]
         if not todo:
             continue
         t = time.perf_counter()

@@ -6,11 +6,12 @@
 #      process (torch and faiss-gpu may bring different CUDA runtimes; docs/deploy.md);
 #   3. the gpu-marked tests: pytest -m gpu;
 #   4. bench/search.py and bench/ingest.py when present, with --device cuda where they take it;
+#   5. bench/scale.py at GPU_CHECK_SCALE_N segments (default 1M): Flat and IVF-PQ on the GPU, then the CPU;
 # and prints one table (step, result, seconds, detail). Logs: $OUT or /tmp/gpu_check, one file a step.
 #
 # Environment: PYTHON (default .venv/bin/python, else python3); GPU_CHECK_WHEELS, a folder of wheels to
 # install offline first (pip --no-index into /tmp/gpu_check_site, for a machine that lacks the project's
-# dependencies); GPU_CHECK_STEP_TIMEOUT seconds per step (default 240).
+# dependencies); GPU_CHECK_STEP_TIMEOUT seconds per step (default 240; GPU_CHECK_SCALE_TIMEOUT for step 5, 420).
 # Exit: 0 every step that ran passed, 1 something failed, 2 no CUDA device here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -126,6 +127,16 @@ for bench in search ingest; do
         echo "($script takes no --device: it runs on its default device, CUDA when torch sees one)"
         step "bench-$bench" 0 "" "$py" "$script"
     fi
+done
+
+# 5. The broad view at library scale, on the GPU and then the CPU over the same vectors (bench/scale.py):
+#    one-query search p50/p99, recall@10 against exact search, and searches during live adds.
+scale_n="${GPU_CHECK_SCALE_N:-1000000}"
+scale_args=(--sizes "$scale_n" --kinds flat,ivfpq --queries 500 --flat-queries 200 --nprobe 16 --rerank 100
+    --apply-batches 3 --work-dir /tmp/gpu_check_scale --out "$LOGS/scale.json")
+for device in cuda cpu; do
+    STEP_TIMEOUT="${GPU_CHECK_SCALE_TIMEOUT:-420}" step "bench-scale-$device" 0 "" \
+        "$py" -m bench.scale --index-device "$device" "${scale_args[@]}"
 done
 
 echo
