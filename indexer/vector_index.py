@@ -45,7 +45,9 @@ MIN_TRAIN_PER_CENTROID = 39  # below this faiss's k-means warns that centroids a
 TRAIN_PER_CENTROID = 256  # faiss's k-means samples down to this many points per centroid anyway
 MAX_TRAIN_SAMPLE = 131_072  # k-means time and the sample's float32 copy stay bounded on any library size
 ADD_SLICE_SECONDS = 0.001  # work per hold of the write lock while a live add runs: what a search waits for
-ADD_SLICE_FIRST = 8  # vectors in a live add's first slice; later slices are sized from its time
+# Vectors in a live add's first slice; later slices are sized from its time. Appending codes (IVF, Flat)
+# costs microseconds a vector; an HNSW insert ~0.5 ms at 1M, so its first slice is one vector.
+ADD_SLICE_FIRST = 8
 ADD_SLICE_MAX = 4096
 _TORCH_BLOCK_ROWS = 65536  # database rows per matmul block in batched exact search
 _GPU_MAX_K = 2048  # faiss GPU k-selection limit (GPU_MAX_SELECTION_K)
@@ -283,7 +285,8 @@ class VectorIndex:
             self._add_slices(arr, x, max(slice_size, 1), None, timed=False)
             return
         with omp_threads(1):
-            self._add_slices(arr, x, ADD_SLICE_FIRST, self._encode(x), timed=True)
+            encoded = self._encode(x)
+            self._add_slices(arr, x, ADD_SLICE_FIRST if encoded is not None else 1, encoded, timed=True)
 
     def _encode(self, x: np.ndarray) -> tuple[Any, np.ndarray] | None:
         """(the index encoded for, codes) for an index whose codes can be computed without the lock; None
