@@ -239,15 +239,7 @@ class MilvusIndex:
     def _target(self, client: Any) -> str:
         """The name a data call uses: the alias itself (the server resolves it), or the pointer's
         collection, re-read once it is a second old."""
-        if self.generations.probe(client):
-            return self.name
-        now = time.monotonic()
-        if self._pointer is None or now - self._pointer[1] >= POINTER_TTL_S:
-            current = self.generations.current(client, self.name)
-            if current is None:
-                return self.name  # nothing recorded: the call fails with the server's "not found"
-            self._pointer = (current, now)
-        return self._pointer[0]
+        return self.name if self.generations.probe(client) else self._current(client)[0]
 
     def _call(self, fn: Any) -> Any:
         if self._client is None:

@@ -114,10 +114,8 @@ def rebuild(
         switched = False
         try:
             lease.publish(target)
-            seen: set[int] = set()
-            with session_scope(session_factory) as session:
-                ids = catalog.segment_ids_for_model(session, model_id)
-            seen.update(ids)
+            ids = _live_ids(session_factory, model_id).tolist()
+            seen = set(ids)
             copy_from_store(index, data, session_factory, model_id, ids, target)
             _catch_up(index, data, session_factory, model_id, target, seen)
             lease.check()

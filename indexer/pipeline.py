@@ -198,12 +198,11 @@ class Writer:
             ids = catalog.allocate_segment_ids(session, len(segments))
             session.commit()
         data.write_pending(self.model_id, vid, ids)
+        tokens, cls = np.stack([s.tokens for s in segments]), np.stack([s.cls for s in segments])
         with _exclusive(data.tokens_dir(self.model_id) / ".writer.lock"):
             # Serialised across workers: two stores creating the same new shard file at once
             # would replace each other's file (and lose records).
-            self.store.put_many(
-                ids, np.stack([s.tokens for s in segments]), np.stack([s.cls for s in segments])
-            )
+            self.store.put_many(ids, tokens, cls)
         self.store.flush()  # tokens durable before the rows that make them searchable
         written: frozenset[str] = frozenset()
         if self.sink is not None:
@@ -216,11 +215,7 @@ class Writer:
                 SegmentRow(i, vid, s.start_s, s.end_s, created, info.duration_s)
                 for i, s in zip(ids, segments, strict=True)
             ]
-            sink_cls, sink_tokens = (
-                np.stack([s.cls for s in segments]),
-                np.stack([s.tokens for s in segments]),
-            )
-            written = self.sink.add(rows_out, sink_cls, sink_tokens)
+            written = self.sink.add(rows_out, cls, tokens)
         rows = [
             NewSegment(i, s.ordinal, s.start_s, s.end_s, data.thumb_relpath(vid, s.ordinal))
             for i, s in zip(ids, segments, strict=True)
@@ -241,7 +236,7 @@ class Writer:
             # the sink copies the rows there now (after the commit, so the rebuild's own comparison
             # either saw them committed or is followed by this).
             try:
-                self.sink.complete_add(rows_out, sink_cls, sink_tokens, written)
+                self.sink.complete_add(rows_out, cls, tokens, written)
             except Exception as e:  # committed and searchable: only a rebuild's new generation may lack them
                 logger.warning(
                     "video %s committed, but its rows may be missing from a Milvus generation being rebuilt "

@@ -120,9 +120,8 @@ class VectorIndex:
         all_ids = faiss.vector_to_array(index.id_map) if self._mapped else list_ids(base)
         if len(tombstones):
             all_ids = all_ids[~np.isin(all_ids, tombstones)]
-        self._live = SortedIdSet.adopt(
-            all_ids
-        )  # no copy of the ids: a load peaks at the index + 8 B a vector
+        # No copy of the ids: a load peaks at the index + 8 B a vector.
+        self._live = SortedIdSet.adopt(all_ids)
         self._params: Any = None
         self._selector: Any = None
         self._refresh_params()
