@@ -45,7 +45,7 @@ from indexer.milvus_schema import (
     connect,
     filter_expression,
     micros,
-    safe_name,
+    milvus_safe,
 )
 from indexer.token_store import MissingRecordError
 
@@ -70,7 +70,7 @@ class MilvusIndex:
     def __init__(self, config: MilvusConfig, model_id: str, dim: int, num_frames: int) -> None:
         self.config, self.model_id, self.dim, self.num_frames = config, model_id, dim, num_frames
         self.name = collection_name(config.prefix, model_id)
-        self.generations = Generations(safe_name(config.prefix), config.timeout_s)
+        self.generations = Generations(milvus_safe(config.prefix), config.timeout_s)
         self._client: Any = None
         self._lock = threading.Lock()
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -198,7 +198,7 @@ class MilvusIndex:
     @property
     def alias(self) -> str:
         """`<prefix>_active`: the generation of the catalog's active model, for readers outside the service."""
-        return f"{safe_name(self.config.prefix)}_active"
+        return f"{milvus_safe(self.config.prefix)}_active"
 
     def point_alias(self) -> str:
         """Point `<prefix>_active` at this model's current generation (after a reindex switched the active

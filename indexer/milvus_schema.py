@@ -85,13 +85,14 @@ def parse_index_spec(spec: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
 
 def collection_name(prefix: str, model_id: str) -> str:
     """A valid Milvus name for a model id (letters, digits, `_`), unique by a hash of the exact id."""
-    readable = re.sub(r"[^A-Za-z0-9_]", "_", model_id)[:48]
+    readable = milvus_safe(model_id)[:48]
     digest = hashlib.sha256(model_id.encode()).hexdigest()[:10]
-    return f"{safe_name(prefix)}_{readable}_{digest}"
+    return f"{milvus_safe(prefix)}_{readable}_{digest}"
 
 
-def safe_name(prefix: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_]", "_", prefix)
+def milvus_safe(text: str) -> str:
+    """`text` with every character a Milvus name cannot hold (all but letters, digits and `_`) as `_`."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", text)
 
 
 def filter_expression(f: SegmentFilterLike | None) -> str:
